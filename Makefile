@@ -1,0 +1,32 @@
+# cimstat: `make demo` sets up and runs the main job on the embedded default; `make test` sets up and runs the tests.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test bench clean validation-report
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m cimstat.demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/mc_speed.py
+	$(PY) benchmarks/probe_speed.py
+	$(PY) benchmarks/estimate_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
