@@ -13,7 +13,7 @@ ImageNet
     224, ImageNet normalisation; labels are torchvision's class indices (the 1,000 synsets in
     sorted order, listed in ``assets/imagenet_synsets.txt``), also when the folder holds only
     some classes. Splits: ``all``; ``probe`` (the files whose path hash puts them in the
-    first tenth) and ``validation`` (the other nine tenths) — disjoint by construction.
+    first fifth) and ``validation`` (the other four fifths) — disjoint by construction.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ DATASETS: dict[str, DatasetInfo] = {
                            "validation 1000; 64x64, 3 channels, train mean/std normalisation"),
     "imagenet": DatasetInfo("imagenet", 1000, 224,
                             "ImageNet validation folder; resize 256, centre crop 224, ImageNet normalisation; "
-                            "probe = path-hash tenth, validation = the rest"),
+                            "probe = path-hash fifth, validation = the rest"),
 }
 
 
@@ -134,8 +134,9 @@ def imagenet_synsets() -> tuple[str, ...]:
     return tuple((ASSETS / "imagenet_synsets.txt").read_text().split())
 
 
-def _path_tenth(rel: str) -> int:
-    return hashlib.sha1(rel.encode()).digest()[0] % 10
+def _path_fifth(rel: str) -> int:
+    """0..4 from the SHA-1 of a file's path relative to the root: 0 = probe split."""
+    return hashlib.sha1(rel.encode()).digest()[0] % 5
 
 
 class ImageNetFolder(Dataset):
@@ -161,8 +162,8 @@ class ImageNetFolder(Dataset):
             for f in sorted(d.iterdir()):
                 if f.suffix.lower() in IMAGENET_EXTENSIONS:
                     rel = f"{d.name}/{f.name}"
-                    tenth = _path_tenth(rel)
-                    if split == "all" or (split == "probe") == (tenth == 0):
+                    fifth = _path_fifth(rel)
+                    if split == "all" or (split == "probe") == (fifth == 0):
                         samples.append((f, index[d.name]))
         if not samples:
             raise DataError(f"ImageNet folder {str(root)!r} holds no images for split {split!r} "
