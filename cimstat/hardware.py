@@ -20,7 +20,8 @@ Inputs, ``input_bits = b`` and range ``x_max`` (input units):
   device noise (there is no integer partial sum to digitise).
 
 Weights, ``weight_bits = b``: scale ``Δw = max|W| / (2^(b-1)-1)`` per layer (or per output
-channel), code ``qw = round(W/Δw)`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+channel; ``Δw = 1`` when that maximum is 0), code ``qw = round(W/Δw)`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+Every ``round`` in this contract (inputs, weights, ADC) rounds half to even.
 
 * ``differential``: device pair, ``G+ = max(qw, 0)``, ``G- = max(-qw, 0)``, ``m_w = b-1``.
 * ``offset``: one device holds ``u = qw + 2^(b-1)`` in ``[1, 2^b-1]``, ``m_w = b``; the digital
@@ -29,12 +30,14 @@ channel), code ``qw = round(W/Δw)`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
 Bit slicing: magnitude bits split LSB->MSB into slices of the given widths; slice ``j``
 of code ``v`` is ``(v >> o_j) & (2^{s_j}-1)`` with ``o_j`` the sum of earlier widths; the
 digital side recombines ``Σ_j 2^{o_j} · slice_j``. An int width is repeated, the MSB slice
-taking what is left (so 7 bits at width 2 gives ``(2, 2, 2, 1)``); a tuple must add up.
+taking what is left (so 7 bits at width 2 gives ``(2, 2, 2, 1)``; a width >= the bits gives one
+slice); a tuple must add up.
 Each weight slice lives on its own devices (levels ``0..L``, ``L = 2^s - 1``); each input
 slice is one analog pass (levels ``0..2^s-1``).
 
 Arrays: the ``K = C_in·kh·kw`` rows of a dot product (PyTorch's ``weight.reshape(C_out, -1)``
-order) are cut into tiles of ``rows_per_array`` consecutive rows; each (input pass, weight
+order; a conv's zero padding gives rows with input value 0, i.e. code 0, or ``2^(b-1)`` under
+``offset`` input encoding) are cut into tiles of ``rows_per_array`` consecutive rows; each (input pass, weight
 slice, tile) gives one partial sum ``P = Σ_{k in tile} x_k · c_k`` per output, in
 *partial-sum units* (input-slice level × device level), converted by its own ADC.
 
@@ -45,7 +48,7 @@ Devices: the conductance used at a read is ``c = max(0, g + e_p + e_r)`` in devi
 
 ADC, ``adc_bits = a``, full-scale range ``R`` (partial-sum units). For differential weights
 in ``difference`` mode it converts ``P+ - P-`` (signed, codes ``-(2^(a-1)-1)..2^(a-1)-1``,
-``Δ = R/(2^(a-1)-1)``); in ``separate`` mode, and for offset weights, it converts each
+``Δ = R/(2^(a-1)-1)``, so ``a >= 2``); in ``separate`` mode, and for offset weights, it converts each
 ``P >= 0`` (codes ``0..2^a-1``, ``Δ = R/(2^a-1)``). Thermal noise ``n ~ N(0, (σ_th·Δ)²)`` is
 added before ``Q(v) = Δ·clip(round(v/Δ))`` (round half to even). ``adc_bits=None``: ideal,
 output ``P + n`` with ``σ_th`` in partial-sum units. ``max`` range: ``R = n_rows·L_in·L_w``
@@ -255,6 +258,9 @@ class LayerConfig:
                                ("adc_mode", AdcMode), ("programming_error_model", NoiseModel),
                                ("read_noise_model", NoiseModel)):
             set_(name, _enum_value(enum_cls, name, getattr(self, name)))
+        if self.adc_bits is not None and self.adc_bits < 2 and self.adc_signed:
+            raise ConfigError(f"adc_bits={self.adc_bits!r}: a signed ADC (differential weights, adc_mode='difference') "
+                              "has codes ±(2^(a-1)-1) and needs adc_bits >= 2; use adc_mode='separate' or more bits")
         # ranges
         if isinstance(self.input_range, str):
             set_("input_range", _enum_value(RangeMode, "input_range", self.input_range))
@@ -271,7 +277,7 @@ class LayerConfig:
                 if not value:
                     raise ConfigError(f"{name}=() must list at least one slice width")
                 for w in value:
-                    _check_bits(f"{name} entry", w, minimum=1, optional=False)
+                    _check_bits(f"{name}={tuple(value)!r}: entry", w, minimum=1, optional=False)
                 set_(name, tuple(int(w) for w in value))
             else:
                 _check_bits(name, value, minimum=1, optional=False)
@@ -286,18 +292,22 @@ class LayerConfig:
         # combinations
         if self.input_bits is None:
             if self.input_slice_bits is not None:
-                raise ConfigError("input_slice_bits needs quantized inputs; set input_bits or input_slice_bits=None")
+                raise ConfigError(f"input_slice_bits={self.input_slice_bits!r} needs quantized inputs (input_bits=None); "
+                                  "set input_bits or input_slice_bits=None")
         if self.input_bits is None or self.weight_bits is None:
             what = "input_bits" if self.input_bits is None else "weight_bits"
             if self.adc_bits is not None or self.adc_thermal_noise_lsb > 0:
-                raise ConfigError(f"adc_bits/adc_thermal_noise_lsb need integer partial sums; {what}=None (float) "
-                                  "allows only an ideal, noiseless ADC")
+                raise ConfigError(f"adc_bits={self.adc_bits!r}/adc_thermal_noise_lsb={self.adc_thermal_noise_lsb!r} "
+                                  f"need integer partial sums; {what}=None (float) allows only an ideal, noiseless "
+                                  "ADC (adc_bits=None, adc_thermal_noise_lsb=0)")
         if self.weight_bits is None:
             if self.programming_error > 0 or self.read_noise > 0:
-                raise ConfigError("programming_error/read_noise are in device levels and need weight_bits; "
-                                  "weight_bits=None (float weights) has no devices")
+                raise ConfigError(f"programming_error={self.programming_error!r}/read_noise={self.read_noise!r} are "
+                                  "in device levels and need weight_bits; weight_bits=None (float weights) has no "
+                                  "devices, so both must be 0")
             if self.weight_slice_bits is not None:
-                raise ConfigError("weight_slice_bits needs quantized weights; set weight_bits")
+                raise ConfigError(f"weight_slice_bits={self.weight_slice_bits!r} needs quantized weights "
+                                  "(weight_bits=None); set weight_bits or weight_slice_bits=None")
         if self.weight_bits is not None:
             split_bits(self.weight_magnitude_bits, self.weight_slice_bits, "weight_slice_bits")
         if self.input_bits is not None and isinstance(self.input_slice_bits, tuple):
@@ -411,6 +421,8 @@ class HardwareConfig:
             raise ConfigError(f"default={self.default!r} must be a LayerConfig")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name={self.name!r} must be a string")
         if not isinstance(self.layers, Mapping):
             raise ConfigError(f"layers={self.layers!r} must map layer names to dicts of field overrides")
         checked: dict[str, dict[str, Any]] = {}
@@ -460,7 +472,10 @@ class HardwareConfig:
             raise ConfigError(f"a hardware config must be a dict, got {type(data).__name__}")
         data = dict(data)
         top = {k: data.pop(k) for k in ("name", "seed", "layers") if k in data}
-        default = dict(data.pop("default", {}) or {})
+        default = data.pop("default", {}) or {}
+        if not isinstance(default, Mapping):
+            raise ConfigError(f"default={default!r} must be a dict of layer fields")
+        default = dict(default)
         overlap = set(default) & set(data)
         if overlap:
             raise ConfigError(f"field(s) {sorted(overlap)} given both at the top level and in 'default'")
@@ -525,7 +540,10 @@ def load_config(source: str | Path | Mapping[str, Any] | HardwareConfig) -> Hard
             raise ConfigError(f"config file {path}: invalid JSON ({err})") from None
         return HardwareConfig.from_dict(data)
     if path.suffix == ".py":
-        namespace = runpy.run_path(str(path))
+        try:
+            namespace = runpy.run_path(str(path))
+        except Exception as err:  # the user's file failed to run: name it and the reason
+            raise ConfigError(f"config file {path} failed to run ({type(err).__name__}: {err})") from None
         if "config" not in namespace:
             raise ConfigError(f"config file {path} must define a variable named 'config'")
         return load_config(namespace["config"])
