@@ -1,0 +1,151 @@
+"""Analytic ADC calibration against partial sums simulated directly from the hardware contract."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cimstat.calibrate.adc_range import (PartialSumMixture, adc_error, analytic_adc_calibration,
+                                         analytic_partial_sums, choose_adc_range, empirical_mixture, weight_codes)
+from cimstat.calibrate.input_range import quantize_input_codes
+from cimstat.hardware import LayerConfig
+
+
+def linear_layer(x: np.ndarray, n_bins: int = 400) -> SimpleNamespace:
+    """LayerStats-like statistics of a linear layer's inputs ``x (N, K)`` (one channel per row)."""
+    lo, hi = float(x.min()), float(x.max())
+    edges = np.linspace(min(lo, 0.0), hi, n_bins + 1)
+    counts = np.stack([np.histogram(col[col != 0], bins=edges)[0] for col in x.T]).astype(np.float64)
+    m = x.T @ x / x.shape[0]
+    return SimpleNamespace(name="fc", kind="linear", fan_in=x.shape[1], signed_input=bool(lo < 0),
+                           input_min=lo, input_max=hi, hist_edges=edges, hist_counts=counts,
+                           zero_counts=(x == 0).sum(0).astype(np.float64), row_mean=x.mean(0),
+                           row_sq_mean=(x ** 2).mean(0), m_method="dense", matrix=lambda: m)
+
+
+def correlated_inputs(n: int, k: int, signed: bool, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=(n, 1))
+    z = 0.4 * common + 0.9 * rng.normal(size=(n, k)) + np.linspace(-0.5, 0.5, k)
+    return z if signed else np.maximum(z, 0.0) ** 1.3
+
+
+def simulated_partial_sums(x, w, cfg: LayerConfig, signed: bool, x_max: float):
+    """P per (input slice j, weight slice s): arrays (n_samples_pooled,), straight from the contract."""
+    q = quantize_input_codes(x, x_max, cfg.input_bits, signed).astype(np.int64)
+    if not signed:
+        passes = [q]
+    elif str(cfg.signed_input_encoding) == "split":
+        passes = [np.maximum(q, 0), np.maximum(-q, 0)]
+    else:
+        passes = [q + 2 ** (cfg.input_bits - 1)]
+    qw = weight_codes(w, cfg).astype(np.int64)
+    if str(cfg.weight_encoding) == "offset":
+        convs = [[qw + 2 ** (cfg.weight_bits - 1)]]
+    else:
+        convs = [[np.maximum(qw, 0), np.maximum(-qw, 0)]]
+
+    def sl(v, widths):
+        out, o = [], 0
+        for s in widths:
+            out.append((v >> o) & (2 ** s - 1))
+            o += s
+        return out
+
+    n_rows = cfg.n_rows(x.shape[1])
+    table = {}
+    for p in passes:
+        for j, xs in enumerate(sl(p, cfg.input_slices(signed))):
+            for polarity in convs:
+                wsl = [sl(g, cfg.weight_slices()) for g in polarity]
+                for s in range(len(cfg.weight_slices())):
+                    if len(polarity) == 2 and cfg.adc_signed:
+                        mats = [wsl[0][s] - wsl[1][s]]
+                    else:
+                        mats = [g[s] for g in wsl]
+                    for c in mats:
+                        for a in range(0, x.shape[1], n_rows):
+                            ps = xs[:, a:a + n_rows] @ c[:, a:a + n_rows].T
+                            table.setdefault((j, s), []).append(ps.ravel())
+    return {k: np.concatenate(v) for k, v in table.items()}
+
+
+CASES = [
+    (False, dict(input_bits=6, weight_bits=5, input_slice_bits=2, weight_slice_bits=2, rows_per_array=32)),
+    (True, dict(input_bits=5, weight_bits=4, input_slice_bits=2, rows_per_array=24)),
+    (True, dict(input_bits=5, weight_bits=4, signed_input_encoding="offset", weight_encoding="offset",
+                input_slice_bits=3, weight_slice_bits=2, rows_per_array=24)),
+    (False, dict(input_bits=4, weight_bits=4, input_slice_bits=1, adc_mode="separate", rows_per_array=40)),
+]
+
+
+@pytest.mark.parametrize("signed,knobs", CASES)
+def test_analytic_partial_sum_moments_match_simulation(signed, knobs):
+    k, c_out = 60, 12
+    x = correlated_inputs(6000, k, signed)
+    w = np.random.default_rng(3).normal(size=(c_out, k))
+    ls = linear_layer(x)
+    cfg = LayerConfig(adc_bits=5, **knobs)
+    x_max = 0.8 * float(np.abs(x).max())
+    table = analytic_partial_sums(ls, w, cfg, signed, x_max)
+    sim = simulated_partial_sums(x, w, cfg, signed, x_max)
+    for (j, s), p in sim.items():
+        parts = table[j][s]
+        mean = np.mean(np.concatenate([m.ravel() for m, *_ in parts]))
+        second = np.mean(np.concatenate([(v + m ** 2).ravel() for m, v, *_ in parts]))
+        scale = np.sqrt(np.mean(p.astype(float) ** 2)) + 1e-9
+        assert mean == pytest.approx(p.mean(), abs=0.03 * scale)
+        assert np.sqrt(second) == pytest.approx(scale, rel=0.08)
+
+
+def test_adc_error_exact_on_a_lattice():
+    # one partial sum value 3 with ADC step 1 and no noise: no error; at step 2 rounding half to even -> 4
+    mix = PartialSumMixture(np.array([3.0]), np.array([1.0]))
+    assert adc_error(mix, 7.0, 3, False, 0.0)[0] == 0.0
+    assert adc_error(mix, 14.0, 3, False, 0.0)[0] == pytest.approx(1.0)
+    assert adc_error(mix, 2.0, 3, False, 0.0)[0] == pytest.approx(1.0)          # clipped at R=2
+    # thermal noise of 0.2 LSB on a value on the lattice is removed by rounding almost always
+    assert adc_error(mix, 7.0, 3, False, 0.2)[0] < 0.02
+    # ... and equals the Gaussian integral for larger noise
+    rng = np.random.default_rng(0)
+    noisy = 3.0 + 0.7 * rng.normal(size=400_000)
+    direct = np.mean((np.clip(np.round(noisy), 0, 7) - 3.0) ** 2)
+    assert adc_error(mix, 7.0, 3, False, 0.7)[0] == pytest.approx(direct, rel=0.02)
+
+
+def test_calibrated_adc_close_to_empirical_optimum_and_never_worse_than_max():
+    k, c_out = 64, 16
+    x = correlated_inputs(5000, k, False, seed=1)
+    w = np.random.default_rng(4).normal(size=(c_out, k))
+    ls = linear_layer(x)
+    for bits in (3, 5, 7):
+        cfg = LayerConfig(input_bits=6, weight_bits=5, input_slice_bits=2, weight_slice_bits=2, rows_per_array=32,
+                          adc_bits=bits)
+        x_max = float(x.max())
+        cal = analytic_adc_calibration(ls, w, cfg, False, x_max)
+        sim = simulated_partial_sums(x, w, cfg, False, x_max)
+        for (j, s), p in sim.items():
+            emp = empirical_mixture(p)
+            r_max = cal.max_range[j, s]
+            best_emp, err_emp, err_max = choose_adc_range(emp, r_max, bits, True, 0.0)
+            err_cal = adc_error(emp, cal.adc_range[j, s], bits, True, 0.0)[0]
+            assert err_cal <= err_max * 1.0001
+            assert err_cal <= 1.5 * err_emp + 1e-3 * np.mean(p.astype(float) ** 2), (bits, j, s, cal.adc_range[j, s])
+
+
+@pytest.mark.parametrize("skew", [-1.5, 0.0, 0.5, 2.0])
+def test_skewed_quantiles_follow_the_gamma(skew):
+    from scipy import stats as sps
+
+    from cimstat.calibrate.adc_range import skewed_quantiles
+
+    z = np.array([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    got = skewed_quantiles(z, np.array([skew]))[0]
+    if skew == 0:
+        np.testing.assert_allclose(got, z)
+        return
+    k = 4.0 / skew ** 2
+    p = sps.norm.cdf(z if skew > 0 else -z)
+    exact = (sps.gamma.ppf(p, k) - k) / np.sqrt(k) * np.sign(skew)
+    np.testing.assert_allclose(got, exact, rtol=0.03, atol=0.03)   # Wilson–Hilferty accuracy
