@@ -1,0 +1,73 @@
+"""ADC conversion error (cimstat.engine.adc) against brute-force sampling of the same model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cimstat.engine.adc import conversion_error
+
+CASES = [
+    # mu, sd, delta, lo, hi, sigma_n, lattice, nonnegative
+    (10.0, 3.0, 1.0, -127, 127, 0.2, True, False),      # ADC step = lattice: rounding removes thermal noise
+    (10.0, 3.0, 1.0, -127, 127, 0.5, True, False),
+    (30.0, 20.0, 128 / 127, -127, 127, 0.0, True, False),  # near-lattice beat
+    (5.0, 2.0, 64 / 63, 0, 63, 0.3, True, True),
+    (100.0, 50.0, 2.0, -31, 31, 0.5, True, False),     # heavy clipping, ties to even
+    (1000.0, 300.0, 50.0, -7, 7, 20.0, False, False),
+    (3.0, 0.2, 50.0, -7, 7, 5.0, False, False),         # sub-LSB signal
+    (20.0, 0.5, 2.0, 0, 15, 0.0, True, True),
+    (400.0, 900.0, 40.0, -127, 127, 10.0, False, False),
+    (60.0, 300.0, 3.0, -127, 127, 1.0, True, False),   # wide lattice distribution: periodic mean
+]
+
+
+def _brute(mu, sd, delta, lo, hi, sn, lattice, nonneg, n=400_000, seed=0):
+    rng = np.random.default_rng(seed)
+    if nonneg:
+        k, theta = mu * mu / sd ** 2, sd ** 2 / mu
+        p = rng.gamma(k, theta, n)
+    else:
+        p = rng.normal(mu, sd, n)
+    if lattice:
+        p = np.round(p)
+    v = p + rng.normal(0, sn, n) if sn > 0 else p
+    err = np.clip(np.round(v / delta), lo, hi) * delta - p
+    return err.mean(), (err * err).mean()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_conversion_error_matches_sampling(case):
+    mu, sd, delta, lo, hi, sn, lattice, nonneg = case
+    m, s = conversion_error(np.array([mu]), np.array([sd * sd]), np.zeros(1) if lattice else np.zeros(1),
+                            delta, lo, hi, sn, nonnegative=nonneg)
+    bm, bs = _brute(*case)
+    assert abs(10 * np.log10(s[0] / bs)) < 0.15, (s[0], bs)
+    assert abs(m[0] - bm) < 0.03 * np.sqrt(bs) + 1e-3
+
+
+def test_lattice_beats_additive_model_by_10db():
+    """σ_th = 0.15 LSB on a lattice ADC: σ²+Δ²/12 over-predicts the error by more than 10 dB."""
+    _, s = conversion_error(np.array([10.0]), np.array([9.0]), np.zeros(1), 1.0, -127, 127, 0.15)
+    naive = 1 / 12 + 0.15 ** 2
+    assert 10 * np.log10(naive / s[0]) > 10
+
+
+def test_point_mass_at_zero_mixture():
+    m, s = conversion_error(np.array([1.0]), np.array([1.0]), np.zeros(1), 1.0, -7, 7, 0.0,
+                            p_zero=np.array([0.5]))
+    # half the time P = 0 exactly (no error), else an integer with mean 2: rounding is exact too
+    assert s[0] < 1e-6
+
+
+def test_bounded_nonnegative_partial_sum_uses_its_support():
+    """A skewed P in [0, upper]: the Beta model's clipping tail matches sampling; an unbounded
+    Gamma of the same moments would put mass above the largest possible partial sum."""
+    upper, mu, sd, delta, hi = 1000.0, 80.0, 150.0, 6.0, 127
+    rng = np.random.default_rng(3)
+    m, v = mu / upper, (sd / upper) ** 2
+    common = m * (1 - m) / v - 1
+    p = rng.beta(m * common, (1 - m) * common, 400_000) * upper
+    err = np.clip(np.round(p / delta), 0, hi) * delta - p
+    _, s = conversion_error(np.array([mu]), np.array([sd * sd]), np.zeros(1), delta, 0, hi, 0.0,
+                            nonnegative=True, upper=upper)
+    assert abs(10 * np.log10(s[0] / (err ** 2).mean())) < 0.2

@@ -1,0 +1,149 @@
+"""Engine vs Monte Carlo referee on tiny layers: one error source at a time, then combinations.
+
+The layer's input statistics are probed on one draw of inputs and the referee runs on an
+independent draw of the same distribution, so the comparison is what the product promises
+(predict from probes, check on unseen data).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cimstat.activation_stats import ProbeSettings, probe_activations
+from cimstat.engine import ErrorSource, LayerModel, estimate_layer
+from cimstat.hardware import LayerConfig, LayerRanges, ResolvedLayer
+from cimstat.montecarlo import AnalogLayer
+
+torch.set_num_threads(1)
+
+
+def _inputs(n: int, seed: int, signed: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 4, 10, 10, generator=g)
+    smooth = nn.functional.avg_pool2d(base, 3, stride=1, padding=1) * 2.0  # correlated neighbours
+    if signed:
+        return smooth
+    return torch.relu(smooth + 0.3 * torch.randn(n, 1, 10, 10, generator=g))  # correlated channels, zeros
+
+
+class TinyLayer:
+    """A 4->12 channel 3x3 conv with probed statistics (probe draw) and a disjoint MC draw."""
+
+    def __init__(self, signed: bool, seed: int = 0):
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(4, 12, 3, padding=1, bias=True).eval()
+        model = nn.Sequential(self.conv).eval()
+        x_probe = _inputs(96, seed + 1, signed)
+        layers, _, _ = probe_activations(model, [(x_probe, torch.zeros(96))],
+                                         settings=ProbeSettings(m_cost_ratio=None))
+        self.stats = layers["0"]
+        self.model = LayerModel(self.stats, self.conv.weight.detach().numpy())
+        self.x_mc = _inputs(128, seed + 2, signed)
+        with torch.no_grad():
+            self.y_mc = self.conv(self.x_mc).double()
+        self.signed = signed
+        self.x_max = float(max(abs(self.stats.input_min), abs(self.stats.input_max)))
+
+    def resolved(self, cfg: LayerConfig, input_range: float | None = None, adc_scale: float = 1.0) -> ResolvedLayer:
+        adc = None
+        if cfg.adc_bits is not None:
+            adc = cfg.adc_max_range(self.signed, self.stats.fan_in) * adc_scale
+        rng = None if cfg.input_bits is None else (input_range or self.x_max)
+        return ResolvedLayer("0", cfg, LayerRanges(self.signed, rng, adc))
+
+    def mc_error(self, resolved: ResolvedLayer, instances: int = 3) -> float:
+        """Mean over chips, positions and images of Σ_c (y_hw - y)² (per position)."""
+        errs = []
+        for i in range(instances):
+            layer = AnalogLayer("0", self.conv, resolved.config, resolved.ranges, chip_seed=100 + i)
+            with torch.no_grad():
+                y = layer(self.x_mc).double()
+            errs.append(float(((y - self.y_mc) ** 2).mean(dim=(0, 2, 3)).sum()))
+        return float(np.mean(errs))
+
+    def engine_error(self, resolved: ResolvedLayer) -> tuple[float, dict]:
+        le = estimate_layer(self.model, resolved)
+        return float(le.total.sum()), {s: float(v.sum()) for s, v in le.error.items()}
+
+
+@pytest.fixture(scope="module")
+def unsigned_layer() -> TinyLayer:
+    return TinyLayer(signed=False)
+
+
+@pytest.fixture(scope="module")
+def signed_layer() -> TinyLayer:
+    return TinyLayer(signed=True, seed=3)
+
+
+def _db(a: float, b: float) -> float:
+    return 10 * math.log10(a / b)
+
+
+UNSIGNED_CASES = {
+    "weights4": dict(input_bits=None, weight_bits=4),
+    "inputs4": dict(input_bits=4, weight_bits=None),
+    "inputs6_clipped": dict(input_bits=6, weight_bits=None, _input_range=0.5),
+    "int8": dict(input_bits=8, weight_bits=8),
+    "prog_si": dict(input_bits=8, weight_bits=8, programming_error=0.05),
+    "prog_prop_sliced": dict(input_bits=8, weight_bits=8, weight_slice_bits=2, programming_error=0.05,
+                             programming_error_model="proportional"),
+    "read_si_bitserial": dict(input_bits=6, weight_bits=6, input_slice_bits=1, read_noise=0.05),
+    "adc6_max": dict(input_bits=8, weight_bits=8, adc_bits=6, rows_per_array=16),
+    "adc5_clip": dict(input_bits=6, weight_bits=6, adc_bits=5, rows_per_array=18, _adc_scale=0.15),
+    "adc_lattice_thermal": dict(input_bits=4, weight_bits=4, input_slice_bits=1, weight_slice_bits=1,
+                                rows_per_array=31, adc_bits=6, _adc_scale=63 / 31, adc_thermal_noise_lsb=0.2),
+    "adc_separate_offset": dict(input_bits=6, weight_bits=6, weight_encoding="offset", adc_bits=7,
+                                rows_per_array=24, _adc_scale=0.3, adc_thermal_noise_lsb=1.0),
+    "combo": dict(input_bits=6, weight_bits=6, input_slice_bits=2, weight_slice_bits=2, rows_per_array=18,
+                  adc_bits=6, _adc_scale=0.4, adc_thermal_noise_lsb=0.5, programming_error=0.03,
+                  read_noise=0.02),
+}
+
+SIGNED_CASES = {
+    "split_int6": dict(input_bits=6, weight_bits=6),
+    "offset_int6_adc": dict(input_bits=6, weight_bits=6, signed_input_encoding="offset", adc_bits=7,
+                            rows_per_array=18, _adc_scale=0.3),
+    "split_bitserial_adc": dict(input_bits=5, weight_bits=5, input_slice_bits=1, adc_bits=5, rows_per_array=12,
+                                _adc_scale=0.5, read_noise=0.03),
+}
+
+
+# Known limits of the partial-sum model on these 12-16-row tiles (report them, don't hide them):
+# the partial sum's shape is modelled Gaussian (signed) / Gamma (unsigned) from its mean and
+# variance; a skewed sum of few ReLU inputs far below one ADC LSB (adc6_max) and a sparse
+# bit-serial slice whose read-noise dither vanishes with the input (split_bitserial_adc) sit
+# 0.6-0.8 dB off. Realistic arrays (64+ rows) are closer to the model.
+TOLERANCE_DB = {"adc6_max": 1.0, "split_bitserial_adc": 1.0}
+
+
+def _run(layer: TinyLayer, case: dict) -> tuple[float, float, dict]:
+    case = dict(case)
+    rng, scale = case.pop("_input_range", None), case.pop("_adc_scale", 1.0)
+    cfg = LayerConfig(**case)
+    res = layer.resolved(cfg, rng, scale)
+    est, parts = layer.engine_error(res)
+    return est, layer.mc_error(res), parts
+
+
+@pytest.mark.parametrize("name", sorted(UNSIGNED_CASES))
+def test_unsigned_layer_matches_mc(unsigned_layer, name):
+    est, mc, parts = _run(unsigned_layer, UNSIGNED_CASES[name])
+    assert abs(_db(est, mc)) < TOLERANCE_DB.get(name, 0.5), (name, est, mc, parts)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED_CASES))
+def test_signed_layer_matches_mc(signed_layer, name):
+    est, mc, parts = _run(signed_layer, SIGNED_CASES[name])
+    assert abs(_db(est, mc)) < TOLERANCE_DB.get(name, 0.5), (name, est, mc, parts)
+
+
+def test_sources_are_attributed(unsigned_layer):
+    cfg = LayerConfig(input_bits=8, weight_bits=8, programming_error=0.05)
+    _, parts = unsigned_layer.engine_error(unsigned_layer.resolved(cfg))
+    assert parts[ErrorSource.PROGRAMMING_ERROR] > 10 * parts[ErrorSource.WEIGHT_QUANTIZATION] > 0
+    assert parts[ErrorSource.READ_NOISE] == 0 and parts[ErrorSource.ADC_QUANTIZATION] == 0

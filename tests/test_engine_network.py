@@ -1,0 +1,115 @@
+"""The whole-network engine on the (small, cached) default probe set."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cimstat.engine import ErrorSource, engine_for, estimate
+from cimstat.errors import EstimationError
+from cimstat.hardware import HardwareConfig, LayerConfig
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def engine(default_probes):
+    return engine_for(default_probes)
+
+
+@pytest.fixture(scope="module")
+def small_engine(default_probes):
+    """An engine over four of the layers (keeps the many-config tests fast)."""
+    from cimstat.engine import Engine
+
+    eng = Engine(default_probes)
+    eng.layers = {n: eng.layers[n] for n in ("conv1", "layer1.0.conv1", "layer2.0.downsample.0", "fc")}
+    return eng
+
+
+def _est(engine, **knobs):
+    cfg = HardwareConfig(LayerConfig(**knobs), name="t")
+    return engine.estimate(cfg)
+
+
+def test_ideal_config_has_no_error(engine):
+    est = _est(engine, input_bits=None, weight_bits=None)
+    assert math.isinf(est.conv1_snr_db) and math.isinf(est.fc_snr_db)
+    assert est.top1 == pytest.approx(est.top1_clean)
+
+
+def test_row_has_the_contract_columns(engine):
+    row = _est(engine, input_bits=6, weight_bits=6, programming_error=0.02).to_row()
+    for key in ("conv1_snr_db", "fc_snr_db", "top1"):
+        assert math.isfinite(row[key])
+    for s in ErrorSource:
+        assert f"err_{s.value}" in row
+    assert row["err_programming_error"] > 0 and row["err_adc_quantization"] == 0
+    df = _est(engine, input_bits=6, weight_bits=6).breakdown()
+    assert list(df["layer"])[0] == "conv1" and len(df) == len(engine.layers)
+
+
+def test_more_bits_more_snr_and_accuracy(small_engine):
+    lo, hi = _est(small_engine, input_bits=4, weight_bits=4), _est(small_engine, input_bits=8, weight_bits=8)
+    assert hi.fc_snr_db > lo.fc_snr_db + 10
+    assert hi.conv1_snr_db > lo.conv1_snr_db + 10
+    assert hi.top1 >= lo.top1
+
+
+BASE = dict(input_bits=6, weight_bits=6, rows_per_array=128, adc_bits=7, input_slice_bits=3, weight_slice_bits=3,
+            programming_error=0.02, read_noise=0.02, adc_thermal_noise_lsb=0.5)
+KNOB_CHANGES = {
+    "input_bits": 5, "input_range": 1.5, "signed_input_encoding": "offset", "weight_bits": 5,
+    "weight_scale": "per_channel", "weight_encoding": "offset", "input_slice_bits": 2, "weight_slice_bits": 2,
+    "rows_per_array": 64, "adc_bits": 6, "adc_range": 200.0, "adc_mode": "separate",
+    "adc_thermal_noise_lsb": 1.0, "programming_error": 0.05, "programming_error_model": "proportional",
+    "read_noise": 0.05, "read_noise_model": "proportional",
+}
+
+
+def test_every_knob_is_honoured(small_engine):
+    """Changing any one knob changes the estimate (none is silently ignored)."""
+    base = _est(small_engine, **BASE).to_row()
+    for knob, value in KNOB_CHANGES.items():
+        row = _est(small_engine, **{**BASE, knob: value}).to_row()
+        changed = [k for k in row if k.startswith(("snr_db[", "err_")) and not np.isclose(row[k], base[k], rtol=1e-9)]
+        assert changed, f"knob {knob} did not change the estimate"
+
+
+def test_float_inputs_with_device_noise_is_an_error(engine):
+    with pytest.raises(EstimationError, match="programming_error"):
+        _est(engine, input_bits=None, weight_bits=8, programming_error=0.02)
+
+
+def test_estimate_function_reuses_the_engine(default_probes):
+    a = estimate(default_probes, "int8")
+    b = estimate(default_probes, "int8")
+    assert engine_for(default_probes) is engine_for(default_probes)
+    assert a.fc_snr_db == b.fc_snr_db
+
+
+def test_conv1_matches_mc_on_unseen_images(engine, default_probes):
+    """conv1 isolated SNR vs the referee's analog conv1 on validation images (not probed)."""
+    from cimstat import data, models
+    from cimstat.montecarlo import AnalogLayer
+    from cimstat.network import fold_batchnorm
+
+    folded = fold_batchnorm(models.load("default"))
+    images, _ = data.default_tensors("validation")
+    x = images[torch.linspace(0, len(images) - 1, 48).round().long()]
+    with torch.no_grad():
+        y = folded.conv1(x).double()
+    for knobs in (dict(input_bits=None, weight_bits=4), dict(input_bits=6, weight_bits=6),
+                  dict(input_bits=8, weight_bits=8, programming_error=0.05, weight_slice_bits=2)):
+        cfg = HardwareConfig(LayerConfig(**knobs))
+        resolved = engine.resolve(cfg)
+        est = engine.estimate(cfg, resolved).conv1_snr_db
+        errs = []
+        for chip in range(2):
+            layer = AnalogLayer("conv1", folded.conv1, cfg.layer("conv1"), resolved["conv1"].ranges, chip)
+            with torch.no_grad():
+                errs.append(float(((layer(x).double() - y) ** 2).sum()))
+        mc = 10 * math.log10(float((y ** 2).sum()) / np.mean(errs))
+        assert abs(est - mc) < 0.7, (knobs, est, mc)
