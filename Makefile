@@ -28,5 +28,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/probe_speed.py
 	$(PY) benchmarks/estimate_speed.py
 
+# docs/validation.md: estimate vs Monte Carlo on sweeps/validation.py (MC results cached in results/.mc-cache)
+VALIDATION_MC ?= --n-images 128 --instances 2 --batch-size 64
+validation-report: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) --report docs/validation.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info

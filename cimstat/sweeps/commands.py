@@ -1,0 +1,232 @@
+"""The two sweep commands: ``python -m sweeps.run`` and ``python -m sweeps.validate``.
+
+``run``: analytic estimates for every combination -> ``<out>/<name>/<UTC time>/summary.csv``
+and ``<param>.png`` plots. ``validate``: estimate and Monte Carlo side by side for every (or
+a ``--subset`` of the) combinations -> ``validation.csv`` and ``validation_scatter.png``,
+optionally the Markdown report (``--report docs/validation.md``).
+
+Order of work, so that mistakes cost nothing: the sweep file is loaded and every
+combination's config validated; the probes are loaded and per-layer names checked; only then
+is a run folder created and anything run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from cimstat.errors import SweepError
+from cimstat.sweeps.evaluators import (DEFAULT_MC_IMAGES, DEFAULT_MC_INSTANCES, EstimateEvaluator,
+                                       ValidationEvaluator, probe_defaults)
+from cimstat.sweeps.plots import plot_metrics, plot_validation
+from cimstat.sweeps.report import compact_table, validation_report
+from cimstat.sweeps.rundir import atomic_write_bytes
+from cimstat.sweeps.rundir import RunDir
+from cimstat.sweeps.runner import RunResult, prepare_run_dir, rows_to_frame, run_combinations
+from cimstat.sweeps.spec import Combination, SweepSpec, load_sweep
+from cimstat.sweeps.subset import subset_mask
+
+__all__ = ["run_main", "validate_main", "resolve_probe_dir"]
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_file", help="sweep definition, e.g. sweeps/conv1_weight_bits.py")
+    parser.add_argument("--probes", type=Path, default=None,
+                        help="probe folder (stat.pkl, noise_prop.pkl); default: the sweep file's 'probes', "
+                             "else the default model's probes (created on first use)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="weights file of the probed model (needed for resnet18-imagenet); default: the sweep "
+                             "file's 'weights'")
+    parser.add_argument("--out", type=Path, default=Path("results"),
+                        help="results root; the run goes to OUT/<sweep name>/<UTC time>/ (default: results)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                        help="finish an interrupted run: the given folder, or the newest unfinished one")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def resolve_probe_dir(args_probes: Path | None, spec: SweepSpec, *, progress: bool = True) -> Path:
+    """The probe folder: ``--probes``, else the sweep file's ``probes``, else the default
+    model's probes (made on first use by :func:`cimstat.probes.ensure_default_probes`)."""
+    if args_probes is not None:
+        return Path(args_probes)
+    if spec.probes is not None:
+        return Path(spec.probes)
+    if spec.model not in (None, "default") or spec.weights is not None:
+        raise SweepError(f"sweep {spec.name!r} uses model {spec.model!r}: give its probes with --probes DIR "
+                         "(made by python -m probing.activations / probing.noise_prop) or 'probes' in the sweep file")
+    from cimstat.probes import ensure_default_probes
+
+    return Path(ensure_default_probes(progress=progress))
+
+
+def _load_checked(args: argparse.Namespace) -> tuple[SweepSpec, Path, Any]:
+    spec = load_sweep(args.sweep_file)
+    if args.weights is not None:
+        if not Path(args.weights).is_file():
+            raise SweepError(f"--weights {args.weights}: no such file")
+        spec = dataclasses.replace(spec, weights=Path(args.weights))
+    if args.jobs < 1:
+        raise SweepError(f"--jobs={args.jobs} must be at least 1")
+    probe_dir = resolve_probe_dir(args.probes, spec, progress=not args.quiet)
+    from cimstat.probes import load_probes
+
+    probes = load_probes(probe_dir, require_noise_prop=True)
+    spec.check_layer_names(probes.stats.layer_names)
+    return spec, probe_dir, probes
+
+
+def _command_line(prog: str, argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join([prog, *map(shlex.quote, args)])
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sweeps.run``: analytic estimates of every combination of a sweep file."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeps.run",
+        description="Analytic estimates of every combination of a sweep file -> OUT/<name>/<UTC time>/summary.csv "
+                    "and one PNG per swept parameter.")
+    _common_arguments(parser)
+    args = parser.parse_args(argv)
+    spec, probe_dir, probes = _load_checked(args)
+    model_name, _ = probe_defaults(probes.stats.meta)
+    combos = list(spec.combinations)
+    options = {"probes": str(probe_dir.resolve()), "probe_fingerprint": probes.fingerprint,
+               "model": spec.model or model_name, "weights": str(spec.weights) if spec.weights else None}
+    run_dir, resumed = prepare_run_dir(spec, combos, kind="summary", out_root=args.out, options=options,
+                                       resume=args.resume)
+    if not args.quiet:
+        print(f"{'resuming' if resumed else 'running'} sweep {spec.name!r}: {len(combos)} combinations "
+              f"-> {run_dir.path}", file=sys.stderr)
+    evaluator = EstimateEvaluator(probe_dir, spec.model or model_name, spec.weights)
+    plots: list[Path] = []
+
+    def finalize(rd, frame):
+        plots.extend(plot_metrics(frame, spec.parameters, rd.path, title=f"sweep {spec.name} (estimate)"))
+
+    result = run_combinations(spec, combos, evaluator, run_dir=run_dir, jobs=args.jobs, progress=not args.quiet,
+                              finalize=finalize)
+    _print_done(result, spec, plots, args.quiet, kind="summary")
+    return 0
+
+
+def _print_done(result: RunResult, spec: SweepSpec, plots: list[Path], quiet: bool, kind: str) -> None:
+    if not quiet:
+        print(compact_table(result.frame, spec.parameters, kind))
+    if result.n_errors:
+        print(f"{result.n_errors} combination(s) could not be evaluated; see the 'error' column", file=sys.stderr)
+    print(f"{kind} CSV: {result.run_dir.csv_path}")
+    if plots:
+        print(f"plots: {', '.join(str(p) for p in plots)}")
+
+
+def _select(spec: SweepSpec, expr: str | None) -> list[Combination]:
+    combos = list(spec.combinations)
+    if not expr:
+        return combos
+    import pandas as pd
+
+    frame = pd.DataFrame([{"combo": c.index, "label": c.label, **{p: c.params.get(p) for p in spec.parameters}}
+                          for c in combos])
+    mask = subset_mask(frame, expr)
+    chosen = [c for c, keep in zip(combos, mask) if keep]
+    if not chosen:
+        raise SweepError(f"--subset {expr!r} selects none of the {len(combos)} combinations")
+    return chosen
+
+
+def validate_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sweeps.validate``: Monte Carlo next to the estimate for a sweep's combinations."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeps.validate",
+        description="Monte Carlo referee next to the analytic estimate for (a subset of) a sweep's combinations, "
+                    "on validation images disjoint from the probe images -> OUT/<name>/<UTC time>/validation.csv, "
+                    "validation_scatter.png, validation.md.")
+    _common_arguments(parser)
+    parser.add_argument("--n-images", type=int, default=DEFAULT_MC_IMAGES,
+                        help=f"validation-split images per Monte Carlo run (default {DEFAULT_MC_IMAGES})")
+    parser.add_argument("--instances", type=int, default=DEFAULT_MC_INSTANCES,
+                        help=f"chip instances per combination (default {DEFAULT_MC_INSTANCES})")
+    parser.add_argument("--subset", default=None, metavar="EXPR",
+                        help="which combinations: 'start:stop[:step]', '0,3,7', or a pandas query over the "
+                             "parameter columns, e.g. \"adc_bits >= 6\" (backquote dotted names)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset folder (ImageNet validation folder); default: the sweep file's data_root")
+    parser.add_argument("--batch-size", type=int, default=100, help="Monte Carlo batch size (default 100)")
+    parser.add_argument("--no-mc-cache", action="store_true",
+                        help="always rerun the Monte Carlo (default: reuse results cached under OUT/.mc-cache "
+                             "for the same model, config, ranges, images, instances and simulator code)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write the Markdown report there (e.g. docs/validation.md)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report (--report) of the run given by --resume [RUN_DIR] "
+                             "from the combinations finished so far, marked partial if the run is unfinished")
+    args = parser.parse_args(argv)
+    for name in ("n_images", "instances", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SweepError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    spec, probe_dir, probes = _load_checked(args)
+    combos = _select(spec, args.subset)
+    model_name, dataset = probe_defaults(probes.stats.meta)
+    model_name = spec.model or model_name
+    dataset = spec.dataset or dataset
+    data_root = args.data or spec.data_root
+    options = {"probes": str(probe_dir.resolve()), "probe_fingerprint": probes.fingerprint, "model": model_name,
+               "weights": str(spec.weights) if spec.weights else None, "dataset": dataset,
+               "data_root": str(data_root) if data_root else None, "n_images": args.n_images,
+               "instances": args.instances, "subset": args.subset}
+    if args.report_only and (args.report is None or not args.resume):
+        raise SweepError("--report-only needs --report PATH and --resume [RUN_DIR] (the run to report on)")
+    if args.report_only and args.resume is True and RunDir.latest_incomplete(Path(args.out) / spec.name,
+                                                                           "validation") is None:
+        raise SweepError(f"--report-only: no unfinished validation run of {spec.name!r} under {args.out}; "
+                         "name a finished one with --resume RUN_DIR (its validation.md is already written)")
+    run_dir, resumed = prepare_run_dir(spec, combos, kind="validation", out_root=args.out, options=options,
+                                       resume=args.resume)
+    if not args.quiet:
+        print(f"{'resuming' if resumed else 'running'} validation of {spec.name!r}: {len(combos)} combinations, "
+              f"{args.n_images} images x {args.instances} instances -> {run_dir.path}", file=sys.stderr)
+    evaluator = ValidationEvaluator(probe_dir, model_name, spec.weights, dataset, data_root, args.n_images,
+                                    args.instances, args.batch_size,
+                                    None if args.no_mc_cache else Path(args.out) / ".mc-cache")
+    plots: list[Path] = []
+    command = _command_line("python -m sweeps.validate", None)
+
+    def write_report(rd, frame, partial: str = "") -> None:
+        info = {"command": command, "sweep": str(spec.path or spec.name), "probes": str(probe_dir),
+                "n_probe_images": probes.stats.meta.get("n_images"), "model": model_name, "dataset": dataset,
+                "n_images": args.n_images, "instances": args.instances, "run_dir": str(rd.path),
+                "created": rd.manifest().get("created", ""), "subset": args.subset, "partial": partial}
+        text = validation_report(frame, spec.parameters, info).encode()
+        if not partial:
+            atomic_write_bytes(rd.path / "validation.md", text)
+        if args.report is not None:
+            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(args.report), text)
+
+    def finalize(rd, frame):
+        path = plot_validation(frame, rd.path, title=f"sweep {spec.name}: estimate vs Monte Carlo")
+        if path is not None:
+            plots.append(path)
+        plots.extend(plot_metrics(frame, spec.parameters, rd.path, title=f"sweep {spec.name} (estimate)"))
+        write_report(rd, frame)
+
+    if args.report_only:
+        frame = rows_to_frame(spec, combos, run_dir.read_journal(repair=False))
+        partial = "" if run_dir.complete else (
+            f"PARTIAL: {len(frame)} of {len(combos)} configurations finished; complete it with the same command "
+            f"and --resume {run_dir.path}")
+        write_report(run_dir, frame, partial)
+        print(f"report: {args.report} ({len(frame)} of {len(combos)} configurations)")
+        return 0
+
+    result = run_combinations(spec, combos, evaluator, run_dir=run_dir, jobs=args.jobs, progress=not args.quiet,
+                              finalize=finalize)
+    _print_done(result, spec, plots, args.quiet, kind="validation")
+    if args.report is not None:
+        print(f"report: {args.report}")
+    return 0

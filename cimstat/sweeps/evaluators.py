@@ -1,0 +1,297 @@
+"""What one sweep row is made of: the analytic estimate, and estimate + Monte Carlo.
+
+Both evaluators are picklable (they hold paths and numbers); ``setup()`` loads probes,
+model and data once per process; calling one with a :class:`Combination` returns the
+metric columns of its row.
+
+Columns of an estimate row (:class:`EstimateEvaluator`): everything
+``cimstat.engine.Estimate.to_row()`` gives (``conv1_snr_db``, ``fc_snr_db``, ``top1`` and the
+per-source breakdown), then ``est_seconds`` (the ``estimate`` call) and ``resolve_seconds``
+(range resolution / calibration lookup).
+
+A validation row (:class:`ValidationEvaluator`) adds the Monte Carlo referee's
+``mc_conv1_snr_db``, ``mc_fc_snr_db``, ``mc_top1`` (mean over chip instances), their
+standard errors ``mc_conv1_snr_se_db``, ``mc_fc_snr_se_db``, ``mc_top1_se_pp``, the errors
+``mc_top1_clean`` (the float network's top-1 on the MC images),
+``err_conv1_db``, ``err_fc_db`` (estimate − MC, dB) and ``err_top1_pp`` (estimate − MC,
+percentage points), ``mc_seconds`` (of the Monte Carlo run that produced the row),
+``mc_cached`` (True when that run was an earlier one, reused from the cache), and per analog layer the isolated SNRs
+``snr_db[<layer>]`` (estimate) and ``mc_snr_db[<layer>]`` (MC).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from cimstat.errors import SweepError
+from cimstat.sweeps.spec import Combination
+
+__all__ = ["EstimateEvaluator", "ValidationEvaluator", "mc_columns", "probe_defaults", "DEFAULT_MC_IMAGES",
+           "DEFAULT_MC_INSTANCES"]
+
+DEFAULT_MC_IMAGES = 1000
+"""Monte Carlo images per combination: the whole default validation split."""
+DEFAULT_MC_INSTANCES = 2
+"""Chip instances per combination (programming-error draws)."""
+
+LAYER_SNR_PREFIX = "snr_db["
+MC_LAYER_SNR_PREFIX = "mc_snr_db["
+DROPPED_ENGINE_COLUMNS = ("config", "estimate_seconds")
+"""``Estimate.to_row()`` keys not written (the config is in the parameter columns; ``est_seconds``
+times the call)."""
+
+
+def layer_column(prefix: str, layer: str) -> str:
+    """``snr_db[layer1.0.conv1]`` / ``mc_snr_db[...]``: a per-layer isolated-SNR column."""
+    return f"{prefix}{layer}]"
+
+
+def column_layer(column: str, prefix: str) -> str | None:
+    """The layer name of a per-layer column with ``prefix`` (None for other columns)."""
+    return column[len(prefix):-1] if column.startswith(prefix) and column.endswith("]") else None
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass
+class EstimateEvaluator:
+    """Analytic estimate of one combination: ``resolve`` ranges, then ``cimstat.engine.estimate``."""
+
+    probe_dir: Path
+    model_name: str | None = None
+    weights: Path | None = None
+    per_layer: bool = False
+    """Also return every layer's isolated SNR as ``snr_db[<layer>]`` columns."""
+
+    def setup(self) -> None:
+        from cimstat.calibrate import Calibrations
+        from cimstat.probes import load_probes
+
+        self._probes = load_probes(self.probe_dir, require_noise_prop=True)
+        model = None
+        if self.model_name not in (None, "default") or self.weights is not None:
+            from cimstat.models import load
+
+            model = load(self.model_name or "default", self.weights)
+            self._probes.check_model(model)
+        self._model = model
+        self._calibrations = Calibrations(Path(self.probe_dir) / "calibrations", model=model)
+
+    def resolve(self, combo: Combination) -> tuple[dict[str, Any], float]:
+        """Every range of the combination a number (calibrations stored under the probe folder),
+        and the seconds it took."""
+        from cimstat.calibrate import resolve
+
+        t0 = time.perf_counter()
+        resolved = resolve(combo.config, self._probes.stats, self._calibrations)
+        return resolved, time.perf_counter() - t0
+
+    def estimate(self, combo: Combination, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        """The estimate columns of one combination with resolved ranges."""
+        from cimstat.engine import estimate
+
+        t0 = time.perf_counter()
+        est = estimate(self._probes, combo.config, resolved, model=self._model)
+        seconds = time.perf_counter() - t0
+        row = {k: v for k, v in est.to_row().items() if k not in DROPPED_ENGINE_COLUMNS}
+        if self.per_layer:
+            for name, layer in est.layers.items():
+                row[layer_column(LAYER_SNR_PREFIX, name)] = _float(layer.snr_db)
+        row["est_seconds"] = seconds
+        return row
+
+    def __call__(self, combo: Combination) -> dict[str, Any]:
+        resolved, resolve_seconds = self.resolve(combo)
+        return {**self.estimate(combo, resolved), "resolve_seconds": resolve_seconds}
+
+
+def _se_of_mean(values: Any) -> float:
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    arr = arr[np.isfinite(arr)]
+    if arr.size < 2:
+        return math.nan
+    return float(arr.std(ddof=1) / math.sqrt(arr.size))
+
+
+def mc_columns(result: Any, n_images: int) -> dict[str, Any]:
+    """The ``mc_*`` columns of a ``cimstat.montecarlo.MCResult`` (means over chip instances).
+
+    Standard errors: SNR — over chip instances (``std/sqrt(K)``) of the per-instance SNR (the
+    chip-to-chip and noise spread; not the image sampling); top-1 — the binomial
+    image-sampling error (Agresti-Coull, ``sqrt(p'(1-p')/(N+4))``, ``p' = (Np+2)/(N+4)``)
+    combined in quadrature with the instance spread ``std/sqrt(K)``, in percentage points.
+    """
+    row: dict[str, Any] = {}
+    iso = dict(getattr(result, "isolated_snr_db", {}) or {})
+    names = list(iso)
+    conv1 = "conv1" if "conv1" in iso else (names[0] if names else None)
+    row["mc_conv1_snr_db"] = _float(iso.get(conv1)) if conv1 else math.nan
+    row["mc_fc_snr_db"] = _float(getattr(result, "logits_snr_db", math.nan))
+    top1 = np.asarray(getattr(result, "top1_per_instance", [getattr(result, "top1_mean", math.nan)]),
+                      dtype=np.float64)
+    p = float(np.nanmean(top1)) if top1.size else math.nan
+    row["mc_top1"] = p
+    row["mc_top1_clean"] = _float(getattr(result, "float_top1", math.nan))
+    per_inst_iso = getattr(result, "isolated_snr_db_per_instance", None) or {}
+    row["mc_conv1_snr_se_db"] = _se_of_mean(per_inst_iso.get(conv1, [])) if conv1 else math.nan
+    row["mc_fc_snr_se_db"] = _se_of_mean(getattr(result, "logits_snr_db_per_instance", []) or [])
+    n = max(n_images, 1)
+    p_ac = (p * n + 2) / (n + 4)  # Agresti-Coull: never a zero error bar at 0 % or 100 %
+    binomial = math.sqrt(p_ac * (1 - p_ac) / (n + 4)) if math.isfinite(p) else math.nan
+    spread = _se_of_mean(top1)
+    row["mc_top1_se_pp"] = 100 * math.sqrt(binomial ** 2 + (spread if math.isfinite(spread) else 0.0) ** 2)
+    for name, value in iso.items():
+        row[layer_column(MC_LAYER_SNR_PREFIX, name)] = _float(value)
+    return row
+
+
+@dataclass
+class ValidationEvaluator:
+    """Estimate and Monte Carlo of one combination, side by side.
+
+    The MC runs ``model`` on the first ``n_images`` images of the ``validation`` split of
+    ``dataset`` (disjoint from the ``probe`` split the probes were made from), over
+    ``instances`` chip instances (instance ``i`` draws its programming errors from
+    ``config.seed + i``).
+    """
+
+    probe_dir: Path
+    model_name: str = "default"
+    weights: Path | None = None
+    dataset: str = "default"
+    data_root: Path | None = None
+    n_images: int = DEFAULT_MC_IMAGES
+    instances: int = DEFAULT_MC_INSTANCES
+    batch_size: int = 100
+
+    cache_dir: Path | None = None
+    """Where Monte Carlo rows are cached (None: no cache); see :meth:`monte_carlo`."""
+
+    def setup(self) -> None:
+        from cimstat.data import loader
+        from cimstat.models import load, weights_fingerprint
+
+        self._model = load(self.model_name, self.weights)
+        self._fingerprint = weights_fingerprint(self._model)
+        self._estimator = EstimateEvaluator(self.probe_dir, self.model_name, self.weights, per_layer=True)
+        self._estimator.setup()
+        self._estimator._probes.check_model(self._model)
+        self._loader = loader(self.dataset, "validation", self.batch_size, self.data_root, n_images=self.n_images)
+        n = len(self._loader.dataset)
+        if n < self.n_images:
+            raise SweepError(f"--n-images={self.n_images} but the {self.dataset!r} validation split has only {n}")
+
+    def __call__(self, combo: Combination) -> dict[str, Any]:
+        """Estimate and MC columns; when only the engine declines (``EstimationError``) the MC
+        still runs and the row carries the reason in ``error``."""
+        from cimstat.errors import EstimationError
+
+        resolved, _ = self._estimator.resolve(combo)
+        try:
+            row, estimation_error = self._estimator.estimate(combo, resolved), None
+        except EstimationError as err:
+            row, estimation_error = {}, f"EstimationError: {err}"
+        mc = self.monte_carlo(combo, resolved)
+        mc_seconds = mc.pop("mc_seconds")
+        mc_cached = mc.pop("mc_cached")
+        out: dict[str, Any] = {}
+        for key in ("conv1_snr_db", "fc_snr_db", "top1"):
+            out[key] = _float(row.get(key))
+        out.update({k: mc[k] for k in ("mc_conv1_snr_db", "mc_fc_snr_db", "mc_top1")})
+        out["err_conv1_db"] = out["conv1_snr_db"] - out["mc_conv1_snr_db"]
+        out["err_fc_db"] = out["fc_snr_db"] - out["mc_fc_snr_db"]
+        out["err_top1_pp"] = 100 * (out["top1"] - out["mc_top1"])
+        out.update({k: mc.get(k, math.nan) for k in ("mc_conv1_snr_se_db", "mc_fc_snr_se_db", "mc_top1_se_pp",
+                                                     "mc_top1_clean")})
+        out["est_seconds"] = row.get("est_seconds", math.nan)
+        out["mc_seconds"] = mc_seconds
+        out["mc_cached"] = mc_cached
+        for key, value in row.items():  # per-source breakdown and per-layer estimates
+            if key not in out:
+                out[key] = value
+        for key, value in mc.items():
+            if key.startswith(MC_LAYER_SNR_PREFIX):
+                out[key] = value
+        if estimation_error is not None:
+            out["error"] = estimation_error
+        return out
+
+    def mc_cache_key(self, combo: Combination, resolved: Mapping[str, Any]) -> str:
+        """sha256 of everything a Monte Carlo row depends on: the model weights, the config and
+        seed, every resolved range, dataset, images, instances, and the simulator's source code."""
+        ranges = {name: [r.ranges.signed_input, r.ranges.input_range,
+                         None if r.ranges.adc_range is None else np.asarray(r.ranges.adc_range).tolist()]
+                  for name, r in resolved.items()}
+        facts = {"fingerprint": self._fingerprint, "config": combo.config.to_dict() | {"name": ""},
+                 "ranges": ranges, "dataset": self.dataset, "data_root": str(self.data_root or ""),
+                 "n_images": self.n_images, "instances": self.instances, "batch_size": self.batch_size,
+                 "simulator": _simulator_source_hash()}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def monte_carlo(self, combo: Combination, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``mc_*`` columns (and ``mc_seconds``) of one combination.
+
+        With ``cache_dir``, a result is stored under :meth:`mc_cache_key` and reused by later
+        runs — re-validating after an engine change reruns only the estimate; any change to the
+        config, ranges, images, instances, weights or simulator code misses the cache."""
+        from cimstat.montecarlo import measure
+
+        path = None
+        if self.cache_dir is not None:
+            path = Path(self.cache_dir) / f"{self.mc_cache_key(combo, resolved)}.json"
+            if path.is_file():
+                try:
+                    return {**json.loads(path.read_text()), "mc_cached": True}
+                except (OSError, json.JSONDecodeError):
+                    pass  # a damaged entry is recomputed
+        t0 = time.perf_counter()
+        result = measure(self._model, combo.config, resolved, self._loader, instances=self.instances,
+                         progress=False)
+        mc = mc_columns(result, self.n_images)
+        mc["mc_seconds"] = time.perf_counter() - t0
+        if path is not None:
+            from cimstat.sweeps.rundir import atomic_write_bytes
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, json.dumps(mc).encode())
+        return {**mc, "mc_cached": False}
+
+
+SIMULATOR_FILES_SKIPPED = ("__init__.py", "__main__.py")
+"""Simulator files whose changes cannot change a measurement (exports, command line)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _simulator_source_hash() -> str:
+    """sha256 of the Monte Carlo package's source (what the cached measurements depend on)."""
+    import cimstat.montecarlo
+
+    digest = hashlib.sha256()
+    root = Path(cimstat.montecarlo.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        if path.name not in SIMULATOR_FILES_SKIPPED:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def probe_defaults(meta: Mapping[str, Any]) -> tuple[str, str]:
+    """``(model, dataset)`` names recorded in probe metadata (``default``, ``default`` if absent)."""
+    model = str(meta.get("model", "default"))
+    dataset = meta.get("dataset", "default")
+    if isinstance(dataset, Mapping):
+        dataset = dataset.get("name", "default")
+    dataset = str(dataset).split()[0] if dataset else "default"
+    return model, dataset

@@ -1,0 +1,134 @@
+"""PNG plots of sweep results (matplotlib, Agg backend, each file written atomically).
+
+* :func:`plot_metrics`: for every swept parameter, ``<param>.png`` with one panel per
+  metric (conv1 SNR, fc SNR, top-1) against that parameter; one line per combination of
+  the other parameters when there are at most 8 of them, otherwise the points and their
+  median per value.
+* :func:`plot_validation`: ``validation_scatter.png``, estimate (y) against Monte Carlo (x)
+  for conv1 SNR, fc SNR and top-1, with the y = x line.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cimstat.sweeps.rundir import atomic_write
+
+__all__ = ["plot_metrics", "plot_validation", "METRICS"]
+
+METRICS: dict[str, str] = {"conv1_snr_db": "conv1 SNR (dB)", "fc_snr_db": "fc (logits) SNR (dB)",
+                           "top1": "top-1 (%)"}
+MAX_LINES = 8
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _x_positions(values: pd.Series) -> tuple[np.ndarray, list[str] | None]:
+    """Numeric x if every value is a number, else categorical positions in first-seen order."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all():
+        return numeric.to_numpy(dtype=float), None
+    order = list(dict.fromkeys(values.astype(str)))
+    return values.astype(str).map({v: i for i, v in enumerate(order)}).to_numpy(dtype=float), order
+
+
+def _metric_values(frame: pd.DataFrame, metric: str) -> np.ndarray:
+    y = pd.to_numeric(frame[metric], errors="coerce").to_numpy(dtype=float)
+    return 100 * y if metric == "top1" else y
+
+
+def _save(fig: Any, path: Path) -> None:
+    plt = _pyplot()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def plot_metrics(frame: pd.DataFrame, parameters: Sequence[str], out_dir: Path,
+                 metrics: Sequence[str] = tuple(METRICS), title: str = "") -> list[Path]:
+    """One PNG per swept parameter: every metric against it. Returns the files written."""
+    plt = _pyplot()
+    metrics = [m for m in metrics if m in frame.columns and pd.to_numeric(frame[m], errors="coerce").notna().any()]
+    written: list[Path] = []
+    if not metrics or frame.empty:
+        return written
+    for param in parameters:
+        if param not in frame.columns or frame[param].nunique() < 2:
+            continue
+        others = [p for p in parameters if p != param and p in frame.columns and frame[p].nunique() > 1]
+        x, categories = _x_positions(frame[param])
+        groups = frame.groupby(others if len(others) > 1 else others[0], sort=False).groups if others \
+            else {(): frame.index}
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            y = _metric_values(frame, metric)
+            if len(groups) <= MAX_LINES:
+                for key, idx in groups.items():
+                    pos = frame.index.get_indexer(idx)
+                    order = np.argsort(x[pos], kind="stable")
+                    key = key if isinstance(key, tuple) else (key,)
+                    label = ", ".join(f"{p}={v}" for p, v in zip(others, key)) or None
+                    ax.plot(x[pos][order], y[pos][order], marker="o", ms=4, label=label)
+                if others and ax is axes[0][0]:
+                    ax.legend(fontsize=7)
+            else:
+                ax.scatter(x, y, s=10, alpha=0.4)
+                med = pd.Series(y).groupby(x).median()
+                ax.plot(med.index, med.values, color="k", marker="o", ms=4, label="median")
+                if ax is axes[0][0]:
+                    ax.legend(fontsize=7)
+            if categories is not None:
+                ax.set_xticks(range(len(categories)))
+                ax.set_xticklabels(categories, rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel(param)
+            ax.set_ylabel(METRICS.get(metric, metric))
+            ax.grid(alpha=0.3)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{_safe_name(param)}.png"
+        _save(fig, path)
+        written.append(path)
+    return written
+
+
+def plot_validation(frame: pd.DataFrame, out_dir: Path, title: str = "") -> Path | None:
+    """``validation_scatter.png``: estimate against Monte Carlo for each metric present."""
+    plt = _pyplot()
+    pairs = [(m, f"mc_{m}") for m in METRICS if m in frame.columns and f"mc_{m}" in frame.columns]
+    if not pairs or frame.empty:
+        return None
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.3 * len(pairs), 4.0), squeeze=False)
+    for ax, (est_col, mc_col) in zip(axes[0], pairs):
+        est, mc = _metric_values(frame, est_col), _metric_values(frame, mc_col)
+        ok = np.isfinite(est) & np.isfinite(mc)
+        ax.scatter(mc[ok], est[ok], s=16, alpha=0.8)
+        if ok.any():
+            lo, hi = float(min(est[ok].min(), mc[ok].min())), float(max(est[ok].max(), mc[ok].max()))
+            pad = 0.05 * (hi - lo or 1.0)
+            ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8, label="estimate = MC")
+            ax.legend(fontsize=7)
+        name = METRICS[est_col]
+        ax.set_xlabel(f"Monte Carlo {name}")
+        ax.set_ylabel(f"estimate {name}")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(out_dir) / "validation_scatter.png"
+    _save(fig, path)
+    return path

@@ -1,0 +1,184 @@
+"""Human-readable output of sweeps: the compact console table and the validation report.
+
+:func:`validation_report` turns a ``validation.csv`` frame into the Markdown of
+``docs/validation.md``: error statistics against the issue's targets, per-layer isolated-SNR
+errors, and one table row per configuration with estimate, Monte Carlo and error. Every
+number comes from the frame; nothing is typed in by hand.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cimstat.sweeps.evaluators import LAYER_SNR_PREFIX, MC_LAYER_SNR_PREFIX, column_layer, layer_column
+
+__all__ = ["compact_table", "validation_report", "validation_stats", "FC_MIN_MC_SNR_DB"]
+
+FC_MIN_MC_SNR_DB = 10.0
+"""fc-SNR errors are judged only where the Monte Carlo fc SNR is at least this (dB)."""
+MAX_CONSOLE_ROWS = 60
+
+
+def _num(frame: pd.DataFrame, col: str) -> np.ndarray:
+    if col not in frame.columns:
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
+
+
+def compact_table(frame: pd.DataFrame, parameters: Sequence[str], kind: str = "summary") -> str:
+    """The few columns a user reads first, formatted; long sweeps show head and tail."""
+    cols = ["combo"] + (["label"] if "label" in frame.columns else []) + [p for p in parameters if p in frame.columns]
+    show = frame[cols].copy()
+    if kind == "validation":
+        pairs = [("conv1_snr_db", "conv1 est"), ("mc_conv1_snr_db", "conv1 MC"), ("err_conv1_db", "err dB"),
+                 ("fc_snr_db", "fc est"), ("mc_fc_snr_db", "fc MC"), ("err_fc_db", "err dB "),
+                 ("top1", "top1 est %"), ("mc_top1", "top1 MC %"), ("err_top1_pp", "err pp")]
+    else:
+        pairs = [("conv1_snr_db", "conv1 dB"), ("fc_snr_db", "fc dB"), ("top1", "top1 %"),
+                 ("est_seconds", "est ms")]
+    for col, title in pairs:
+        if col in frame.columns:
+            values = _num(frame, col)
+            if col in ("top1", "mc_top1"):
+                values = 100 * values
+            elif col == "est_seconds":
+                values = 1000 * values
+            show[title] = [f"{v:.2f}" if math.isfinite(v) else "-" for v in values]
+    if "error" in frame.columns:
+        show["error"] = frame["error"].fillna("").astype(str).str.slice(0, 60)
+    if len(show) > MAX_CONSOLE_ROWS:
+        half = MAX_CONSOLE_ROWS // 2
+        text = show.head(half).to_string(index=False)
+        tail = show.tail(half).to_string(index=False).split("\n", 1)[1]
+        return f"{text}\n  ... {len(show) - 2 * half} more rows in the CSV ...\n{tail}"
+    return show.to_string(index=False)
+
+
+def _stat(values: np.ndarray) -> tuple[float, float, int]:
+    v = np.abs(values[np.isfinite(values)])
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(np.median(v)), float(v.max()), int(v.size)
+
+
+def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
+    """Error statistics of a validation frame (absolute errors; dB and percentage points)."""
+    out: dict[str, Any] = {}
+    out["conv1_median_db"], out["conv1_max_db"], out["conv1_n"] = _stat(_num(frame, "err_conv1_db"))
+    mc_fc = _num(frame, "mc_fc_snr_db")
+    fc_err = _num(frame, "err_fc_db")
+    judged = mc_fc >= FC_MIN_MC_SNR_DB
+    out["fc_median_db"], out["fc_max_db"], out["fc_n"] = _stat(np.where(judged, fc_err, np.nan))
+    out["fc_low_n"] = int((np.isfinite(mc_fc) & ~judged).sum())
+    out["top1_median_pp"], out["top1_max_pp"], out["top1_n"] = _stat(_num(frame, "err_top1_pp"))
+    layer_errors: dict[str, np.ndarray] = {}
+    for col in frame.columns:
+        name = column_layer(col, MC_LAYER_SNR_PREFIX)
+        if name is not None:
+            est_col = layer_column(LAYER_SNR_PREFIX, name)
+            if est_col in frame.columns:
+                layer_errors[name] = _num(frame, est_col) - _num(frame, col)
+    out["layers"] = {name: _stat(err) for name, err in layer_errors.items() if np.isfinite(err).any()}
+    out["exact_layers"] = [name for name, err in layer_errors.items() if not np.isfinite(err).any()]
+    all_err = np.concatenate(list(layer_errors.values())) if layer_errors else np.array([])
+    out["layer_median_db"], out["layer_max_db"], out["layer_n"] = _stat(all_err)
+    for col in ("mc_conv1_snr_se_db", "mc_fc_snr_se_db", "mc_top1_se_pp", "est_seconds", "mc_seconds"):
+        v = _num(frame, col)
+        v = v[np.isfinite(v)]
+        out[col] = (float(np.median(v)), float(v.max())) if v.size else (math.nan, math.nan)
+    out["n_configs"] = len(frame)
+    out["n_errors"] = int(frame["error"].notna().sum()) if "error" in frame.columns else 0
+    return out
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def _verdict(value: float, target: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return "met" if value <= target else "**missed**"
+
+
+def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapping[str, Any]) -> str:
+    """Markdown of ``docs/validation.md`` for a validation frame and the run's facts ``info``
+    (``command``, ``sweep``, ``probes``, ``n_probe_images``, ``model``, ``dataset``,
+    ``n_images``, ``instances``, ``created``, ``run_dir``)."""
+    s = validation_stats(frame)
+    partial = info.get("partial") or ""
+    subset = info.get("subset")
+    lines = ["# Validation: analytic estimate vs Monte Carlo", ""]
+    if partial:
+        lines += [f"**{partial}.**", ""]
+    lines += [
+             f"Generated by `{info.get('command', '')}` on {info.get('created', '')} "
+             f"(run folder `{info.get('run_dir', '')}`); do not edit by hand — rerun the command.", "",
+             f"- sweep: `{info.get('sweep', '')}` ({s['n_configs']} configurations"
+             + (f" selected by `--subset {subset}`" if subset else "")
+             + (f", {s['n_errors']} not estimable" if s["n_errors"] else "") + ")",
+             f"- model: `{info.get('model', '')}`; probes: `{info.get('probes', '')}` "
+             f"({info.get('n_probe_images', '?')} images of the probe split)",
+             f"- Monte Carlo: {info.get('n_images', '?')} images of the `{info.get('dataset', '')}` validation split "
+             f"(disjoint from the probe split), {info.get('instances', '?')} chip instances per configuration",
+             "- errors are estimate − MC; SNR in dB, top-1 in percentage points (pp)", "",
+             "## Error statistics", "",
+             "| quantity | median abs error | max abs error | configs | target | |",
+             "|---|---|---|---|---|---|",
+             f"| conv1 isolated SNR | {_f(s['conv1_median_db'])} dB | {_f(s['conv1_max_db'])} dB | {s['conv1_n']} "
+             f"| max ≤ 0.5 dB | {_verdict(s['conv1_max_db'], 0.5)} |",
+             f"| every layer's isolated SNR | {_f(s['layer_median_db'])} dB | {_f(s['layer_max_db'])} dB | "
+             f"{s['layer_n']} (config, layer) pairs | median ≤ 0.5, max ≤ 1.0 dB | "
+             f"{_verdict(max(s['layer_median_db'] / 0.5, s['layer_max_db'] / 1.0), 1.0)} |",
+             f"| fc (logits) SNR where MC fc SNR ≥ {FC_MIN_MC_SNR_DB:g} dB | {_f(s['fc_median_db'])} dB | "
+             f"{_f(s['fc_max_db'])} dB | {s['fc_n']} (+{s['fc_low_n']} below) | max ≤ 1.0 dB | "
+             f"{_verdict(s['fc_max_db'], 1.0)} |",
+             f"| top-1 | {_f(s['top1_median_pp'])} pp | {_f(s['top1_max_pp'])} pp | {s['top1_n']} | max ≤ 1.5 pp | "
+             f"{_verdict(s['top1_max_pp'], 1.5)} |", "",
+             "Monte Carlo standard errors (median / max over configurations): conv1 SNR "
+             f"{_f(s['mc_conv1_snr_se_db'][0], 3)} / {_f(s['mc_conv1_snr_se_db'][1], 3)} dB, fc SNR "
+             f"{_f(s['mc_fc_snr_se_db'][0], 3)} / {_f(s['mc_fc_snr_se_db'][1], 3)} dB (over chip instances), top-1 "
+             f"{_f(s['mc_top1_se_pp'][0])} / {_f(s['mc_top1_se_pp'][1])} pp (image sampling and instance spread). "
+             "The SNR standard errors measure the chip-to-chip and noise spread only (0 for a configuration "
+             "without random noise); the estimate is made on the probe images and the MC on other images, so "
+             "both errors also contain the difference between the two image samples (the float top-1 of each "
+             "sample is `top1_clean` and `mc_top1_clean` in the CSV).",
+             f"Time per configuration (median / max): estimate {_f(1000 * s['est_seconds'][0], 1)} / "
+             f"{_f(1000 * s['est_seconds'][1], 1)} ms, Monte Carlo {_f(s['mc_seconds'][0], 1)} / "
+             f"{_f(s['mc_seconds'][1], 1)} s.", ""]
+    if s["layers"]:
+        lines += ["## Isolated SNR error per layer (abs, dB, over configurations)", "",
+                  "| layer | median | max |", "|---|---|---|"]
+        lines += [f"| {name} | {_f(med)} | {_f(mx)} |" for name, (med, mx, _) in s["layers"].items()]
+        lines.append("")
+        if s["exact_layers"]:
+            lines += [f"Exact (infinite SNR in both) in every configuration: {', '.join(s['exact_layers'])}.", ""]
+    lines += ["## Every configuration", "",
+              "SNR in dB, top-1 in %; `MC ± se` is the Monte Carlo mean and its standard error.", "",
+              "| # | configuration | conv1 est | conv1 MC ± se | err | fc est | fc MC | err | top-1 est | "
+              "top-1 MC ± se | err pp |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, row in frame.iterrows():
+        desc = row.get("label") or ""
+        params = ", ".join(f"{p}={row[p]}" for p in parameters if p in row and str(row[p]) != "")
+        desc = f"**{desc}** {params}" if desc else params
+
+        def g(col: str, scale: float = 1.0) -> float:
+            try:
+                return float(row[col]) * scale
+            except (KeyError, TypeError, ValueError):
+                return math.nan
+
+        if "error" in row and isinstance(row["error"], str) and row["error"]:
+            lines.append(f"| {row['combo']} | {desc} | {row['error']} |||||||||")
+            continue
+        lines.append(
+            f"| {row['combo']} | {desc} | {_f(g('conv1_snr_db'))} | {_f(g('mc_conv1_snr_db'))} ± "
+            f"{_f(g('mc_conv1_snr_se_db'), 3)} | {_f(g('err_conv1_db'))} | {_f(g('fc_snr_db'))} | "
+            f"{_f(g('mc_fc_snr_db'))} | {_f(g('err_fc_db'))} | {_f(g('top1', 100))} | "
+            f"{_f(g('mc_top1', 100))} ± {_f(g('mc_top1_se_pp'))} | {_f(g('err_top1_pp'))} |")
+    lines.append("")
+    return "\n".join(lines)
