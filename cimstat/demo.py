@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nwhere to look:")
     print(f"  estimates : {summary_dir}/summary.csv and {summary_dir}/*.png")
     print(f"  validation: {validation_dir}/validation.csv, validation.md and validation_scatter.png")
-    print("next: edit a sweep file in sweeps/ (see docs/workflow.md), then "
+    print("next: edit a sweep file in sweeps/ (see the README's workflow section), then "
           "python -m sweeps.run sweeps/<file>.py and python -m sweeps.validate sweeps/<file>.py --subset ...")
     return 0
 

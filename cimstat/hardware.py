@@ -84,6 +84,8 @@ __all__ = [
     "LayerRanges",
     "ResolvedLayer",
     "split_bits",
+    "adc_code_limits",
+    "adc_step",
     "PRESETS",
     "load_config",
 ]
@@ -189,6 +191,19 @@ def split_bits(total: int, slices: int | tuple[int, ...] | None, name: str = "sl
         raise ConfigError(f"{name}={tuple(slices)!r} adds up to {sum(widths)} bits but the layer has "
                           f"{total} magnitude bits; the widths (LSB first) must add up to {total}")
     return widths
+
+
+def adc_code_limits(bits: int, signed: bool) -> tuple[int, int]:
+    """Smallest and largest ADC code: ``±(2^(a-1)-1)`` signed, ``0..2^a-1`` unsigned."""
+    if signed:
+        hi = 2 ** (bits - 1) - 1
+        return -hi, hi
+    return 0, 2 ** bits - 1
+
+
+def adc_step(full_scale: float, bits: int, signed: bool) -> float:
+    """ADC LSB Δ (partial-sum units): ``R/(2^(a-1)-1)`` signed, ``R/(2^a-1)`` unsigned."""
+    return float(full_scale) / adc_code_limits(bits, signed)[1]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ import math
 import numpy as np
 from scipy.special import betainc, gammainc, gammaincc, ndtr
 
+from cimstat.hardware import adc_code_limits, adc_step  # the ADC grid is config semantics
+
 __all__ = ["adc_code_limits", "adc_step", "conversion_error", "LATTICE_MAX_STEP"]
 
 LATTICE_MAX_STEP = 8.0     #: lattice treatment when Δ ≤ this many partial-sum units
@@ -32,19 +34,6 @@ _LATTICE_MAX_DITHER = 0.3  #: ... and device noise std below this (partial-sum u
 _SMOOTH_RATIO = 2.0        #: s ≥ this·Δ: interior rounding error Δ²/12
 _WINDOW = 33               #: ADC cells summed per element below that
 _INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
-
-
-def adc_code_limits(bits: int, signed: bool) -> tuple[int, int]:
-    """Smallest and largest code: ``±(2^(a-1)-1)`` signed, ``0..2^a-1`` unsigned."""
-    if signed:
-        hi = 2 ** (bits - 1) - 1
-        return -hi, hi
-    return 0, 2 ** bits - 1
-
-
-def adc_step(full_scale: float, bits: int, signed: bool) -> float:
-    """Δ in partial-sum units: ``R/(2^(a-1)-1)`` signed, ``R/(2^a-1)`` unsigned."""
-    return float(full_scale) / adc_code_limits(bits, signed)[1]
 
 
 def _pdf(z: np.ndarray) -> np.ndarray:

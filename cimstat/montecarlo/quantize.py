@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from cimstat.hardware import adc_code_limits, adc_step  # the ADC grid is config semantics
+
 __all__ = [
     "input_step",
     "input_codes",
@@ -76,19 +78,6 @@ def bit_slice(codes: torch.Tensor, offset: int, width: int) -> torch.Tensor:
     if codes.dtype.is_floating_point:
         return torch.remainder(torch.floor(codes / (2 ** offset)), 2 ** width)
     return torch.bitwise_and(torch.bitwise_right_shift(codes, offset), 2 ** width - 1)
-
-
-def adc_code_limits(bits: int, signed: bool) -> tuple[int, int]:
-    """Smallest and largest ADC code: ``±(2^(a-1)-1)`` signed, ``0..2^a-1`` unsigned."""
-    if signed:
-        hi = 2 ** (bits - 1) - 1
-        return -hi, hi
-    return 0, 2 ** bits - 1
-
-
-def adc_step(full_scale: float, bits: int, signed: bool) -> float:
-    """ADC LSB Δ (partial-sum units): ``R/(2^(a-1)-1)`` signed, ``R/(2^a-1)`` unsigned."""
-    return float(full_scale) / adc_code_limits(bits, signed)[1]
 
 
 def adc_convert(value: torch.Tensor, bits: int | None, full_scale: float | None, signed: bool,
