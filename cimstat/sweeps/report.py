@@ -80,7 +80,8 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
         if name is not None:
             est_col = layer_column(LAYER_SNR_PREFIX, name)
             if est_col in frame.columns:
-                layer_errors[name] = _num(frame, est_col) - _num(frame, col)
+                with np.errstate(invalid="ignore"):  # inf - inf: a layer exact in both -> NaN, not judged
+                    layer_errors[name] = _num(frame, est_col) - _num(frame, col)
     out["layers"] = {name: _stat(err) for name, err in layer_errors.items() if np.isfinite(err).any()}
     out["exact_layers"] = [name for name, err in layer_errors.items() if not np.isfinite(err).any()]
     all_err = np.concatenate(list(layer_errors.values())) if layer_errors else np.array([])
