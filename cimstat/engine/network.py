@@ -27,17 +27,11 @@ from cimstat.errors import EstimationError
 from cimstat.hardware import HardwareConfig, ResolvedLayer, load_config
 
 from .layer import LayerEstimate, LayerModel, estimate_layer
+from cimstat.metrics import snr_db
+
 from .sources import ErrorSource
 
 __all__ = ["Estimate", "Engine", "estimate", "engine_for"]
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise <= 0:
-        return math.inf
-    if signal <= 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
 
 
 @dataclass
@@ -61,7 +55,7 @@ class Estimate:
     @property
     def fc_snr_db(self) -> float:
         """End-to-end SNR at the logits (dB)."""
-        return _db(self.logit_signal, float(sum(v.sum() for v in self.logit_noise.values())))
+        return snr_db(self.logit_signal, float(sum(v.sum() for v in self.logit_noise.values())))
 
     @property
     def snr_db(self) -> dict[str, float]:

@@ -34,16 +34,9 @@ from cimstat.hardware import HardwareConfig, ResolvedLayer
 from cimstat.montecarlo.convert import analog_modules, convert
 from cimstat.network import analog_layer_names, fold_batchnorm
 
+from cimstat.metrics import snr_db  # re-exported: the shared SNR definition
+
 __all__ = ["MCResult", "measure", "snr_db"]
-
-
-def snr_db(signal_energy: float, error_energy: float) -> float:
-    """``10·log10(signal / error)``; ``inf`` for zero error."""
-    if error_energy <= 0:
-        return math.inf
-    if signal_energy <= 0:
-        return -math.inf
-    return 10.0 * math.log10(signal_energy / error_energy)
 
 
 @dataclass
