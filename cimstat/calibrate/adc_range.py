@@ -18,17 +18,24 @@ output channel ``c``) — hardware semantics of :mod:`cimstat.hardware`, re-deri
   tile blocks), and ``b_n`` is the Hermite (Mehler) correlation transfer of the slice map
   ``σ_j(v(F^{-1}(Φ(g))))`` of the layer's pooled code distribution — the MSB slice of two correlated
   inputs is less correlated than the inputs; plus device noise ``Σ_k E[σ_j(v_k)²]·(σ_p² + σ_r²)``.
-* shape: skewness from the third cumulant of the independent-rows sum ``Σ c_k³ κ3_k`` (sparse high
-  slices are right-skewed), excess kurtosis :data:`PARTIAL_SUM_KURTOSIS` (co-activation tails the
-  second moments cannot show); each (pass, channel, tile) is a gamma-scale mixture of a shifted
-  gamma (Wilson–Hilferty quantiles) with that mean, variance, skewness and kurtosis, rounded to the
-  integer lattice of partial-sum units; the mixture over passes, channels and tiles (and both
-  polarities in ``separate`` mode) is what one ADC range serves.
+* shape (:func:`factor_partial_sums`, what :func:`analytic_adc_calibration` uses): the tile's latent
+  correlation is fitted by one common factor ``u``; given ``u`` the rows are independent, so at each
+  Gauss–Hermite node the partial sum has exact conditional moments, an exact point mass where every
+  active row sits at its most likely slice value (``Π_k P(σ_j(v_k) = r_k | u)``: MNIST's constant
+  background, ReLU zeros, empty MSB slices) and exact masses where exactly one row is off it; the rest
+  (two or more rows off) is a skewed continuous part with the remaining moments, whose residual variance
+  (what the single factor misses of the full copula's ``d^T G d``) gets :data:`PARTIAL_SUM_KURTOSIS`.
+  The older moment model (:func:`analytic_partial_sums` + :func:`partial_sum_mixture`: one skewed,
+  kurtotic shape per (pass, channel, tile)) missed the point masses: on the default model's conv1
+  its ranges were 0.52-0.84 of the profiled ones. Everything is rounded to the integer lattice of
+  partial-sum units; the mixture over nodes, passes, channels and tiles (and both polarities in
+  ``separate`` mode) is what one ADC range serves.
 
 ``R`` minimises the expected ``E[(Q(P + n) - P)²]`` over the mixture (rounding + clipping, with
 thermal noise ``n ~ N(0, (σ_th·Δ)²)`` summed exactly over output codes with Gaussian CDFs at the
-thresholds — not ``σ² + Δ²/12``). ``R_max`` is always a candidate, so the calibrated range never
-has a larger expected error than ``max`` under this model.
+thresholds — not ``σ² + Δ²/12``); integer LSBs are always candidates (they keep lattice points
+exact). ``R_max`` is always a candidate, so the calibrated range never has a larger expected error
+than ``max`` under this model.
 """
 from __future__ import annotations
 
@@ -42,8 +49,9 @@ from cimstat.errors import CalibrationError
 from cimstat.hardware import LayerConfig, NoiseModel, SignedInputEncoding, WeightEncoding, WeightScale
 from cimstat.calibrate.input_range import SUBSAMPLES, quantize_input_codes
 
-__all__ = ["AdcCalibration", "PartialSumMixture", "weight_codes", "weight_conversions", "input_pass_pmfs",
-           "analytic_partial_sums", "partial_sum_mixture", "skewed_quantiles", "latent_transfer", "adc_error",
+__all__ = ["AdcCalibration", "PartialSumMixture", "FactorComponents", "weight_codes", "weight_conversions",
+           "input_pass_pmfs", "analytic_partial_sums", "partial_sum_mixture", "factor_partial_sums",
+           "factor_mixture", "analytic_mixtures", "skewed_quantiles", "latent_transfer", "adc_error",
            "choose_adc_range", "analytic_adc_calibration", "empirical_mixture", "PARTIAL_SUM_KURTOSIS"]
 
 MAX_LATTICE = 8192
@@ -426,13 +434,23 @@ def choose_adc_range(mix: PartialSumMixture, r_max: float, bits: int, signed: bo
     noise (which scales with ``Δ``) ``R_lo = R_max/4096``."""
     top = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
     lo = float(top) if thermal_lsb <= 0 else r_max / 4096
-    grid = np.unique(np.concatenate([np.geomspace(min(lo, r_max), r_max, n_grid), [r_max]]))
+    # integer LSBs (Δ = m partial-sum units) keep lattice points exact: always candidates
+    lattice = top * np.arange(1, 65, dtype=np.float64)
+    grid = np.unique(np.concatenate([np.geomspace(min(lo, r_max), r_max, n_grid), [r_max],
+                                     lattice[(lattice >= lo) & (lattice <= r_max)]]))
     err = adc_error(mix, grid, bits, signed, thermal_lsb)
     i = int(np.argmin(err))
-    fine = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)], 33)
-    fine_err = adc_error(mix, fine, bits, signed, thermal_lsb)
-    j = int(np.argmin(fine_err))
-    best, best_err, max_err = float(fine[j]), float(fine_err[j]), float(err[-1])
+    best, best_err, max_err = float(grid[i]), float(err[i]), float(err[-1])
+    # the error is not convex in R on a lattice: refine (twice) around the three best grid points
+    for i in np.argsort(err, kind="stable")[:3]:
+        lo_b, hi_b = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+        for _ in range(2):
+            fine = np.linspace(lo_b, hi_b, 33)
+            fine_err = adc_error(mix, fine, bits, signed, thermal_lsb)
+            j = int(np.argmin(fine_err))
+            if fine_err[j] < best_err:
+                best, best_err = float(fine[j]), float(fine_err[j])
+            lo_b, hi_b = fine[max(j - 1, 0)], fine[min(j + 1, fine.size - 1)]
     if best_err >= max_err:
         best, best_err = float(r_max), max_err
     return best, best_err, max_err
@@ -447,14 +465,43 @@ def analytic_adc_calibration(ls: Any, spec: Any, cfg: LayerConfig, signed: bool,
         raise CalibrationError(f"layer {ls.name}: weights have {wm.shape[1]} inputs per output but the probes "
                                f"record fan_in {ls.fan_in}; probes and model do not match")
     r_max = cfg.adc_max_range(signed, int(ls.fan_in))
-    table = analytic_partial_sums(ls, wm, cfg, signed, x_max)
+    mixtures = analytic_mixtures(ls, wm, cfg, signed, x_max)
     best, err, err_max = (np.empty_like(r_max) for _ in range(3))
-    for j, row in enumerate(table):
-        for s, parts in enumerate(row):
-            mix = partial_sum_mixture(parts, float(r_max[j, s]))
-            best[j, s], err[j, s], err_max[j, s] = choose_adc_range(
-                mix, float(r_max[j, s]), cfg.adc_bits, cfg.adc_signed, cfg.adc_thermal_noise_lsb)
+    for (j, s), mix in mixtures.items():
+        best[j, s], err[j, s], err_max[j, s] = choose_adc_range(
+            mix, float(r_max[j, s]), cfg.adc_bits, cfg.adc_signed, cfg.adc_thermal_noise_lsb)
     return AdcCalibration(best, r_max, err, err_max, "analytic")
+
+
+_MIXTURE_CACHE: dict[tuple, dict[tuple[int, int], PartialSumMixture]] = {}
+_MIXTURE_CACHE_SIZE = 64
+
+
+def analytic_mixtures(ls: Any, weight_matrix: np.ndarray, cfg: LayerConfig, signed: bool, x_max: float
+                      ) -> dict[tuple[int, int], PartialSumMixture]:
+    """The modelled partial-sum pmf per (input slice, weight slice) (:func:`factor_partial_sums` pooled by
+    :func:`factor_mixture`). It does not depend on the ADC resolution, range or thermal noise, so it is
+    kept in memory (keyed by the statistics, the weights and every other knob) for the next ADC setting."""
+    import dataclasses
+    import hashlib
+
+    from cimstat.hardware import RangeMode
+
+    wm = np.ascontiguousarray(weight_matrix, dtype=np.float64)
+    knobs = dataclasses.replace(cfg, adc_bits=None, adc_range=RangeMode.MAX, adc_thermal_noise_lsb=0.0,
+                                input_range=RangeMode.MAX)
+    stats_id = hashlib.sha1(np.ascontiguousarray(ls.row_sq_mean, dtype=np.float64).tobytes()
+                            + np.ascontiguousarray(ls.hist_counts, dtype=np.float64).tobytes()).hexdigest()
+    key = (stats_id, getattr(ls, "name", ""), hashlib.sha1(wm.tobytes()).hexdigest(), knobs, bool(signed),
+           float(x_max))
+    if key not in _MIXTURE_CACHE:
+        r_max = cfg.adc_max_range(signed, int(ls.fan_in))
+        table = factor_partial_sums(ls, wm, cfg, signed, x_max)
+        if len(_MIXTURE_CACHE) >= _MIXTURE_CACHE_SIZE:
+            _MIXTURE_CACHE.pop(next(iter(_MIXTURE_CACHE)))
+        _MIXTURE_CACHE[key] = {(j, s): factor_mixture(comp, float(r_max[j, s]))
+                               for j, row in enumerate(table) for s, comp in enumerate(row)}
+    return _MIXTURE_CACHE[key]
 
 
 def empirical_mixture(samples: np.ndarray, max_points: int = MAX_LATTICE) -> PartialSumMixture:
@@ -471,3 +518,248 @@ def empirical_mixture(samples: np.ndarray, max_points: int = MAX_LATTICE) -> Par
         keep = cnt > 0
         values, counts = sums[keep] / cnt[keep], cnt[keep]
     return PartialSumMixture(values, counts / counts.sum())
+
+
+# ---- one-factor conditional model (point masses and co-activation) ---------------------------
+FACTOR_NODES = 24
+"""Gauss–Hermite nodes over the common factor of a tile."""
+
+
+def _one_factor_loadings(rho: np.ndarray, iterations: int = 20, power: int = 8) -> np.ndarray:
+    """Loadings ``λ`` of the best one-factor fit ``ρ_kl ≈ λ_k λ_l`` (k ≠ l): principal-axis iteration (the
+    diagonal replaced by ``λ²``), the leading eigenvector by warm-started power iteration."""
+    r = np.array(rho, dtype=np.float64)
+    n = r.shape[0]
+    v = np.full(n, 1.0 / np.sqrt(n))
+    lam = np.zeros(n)
+    np.fill_diagonal(r, 1.0)
+    for _ in range(iterations):
+        for _ in range(power):
+            w = r @ v
+            norm = np.linalg.norm(w)
+            if norm <= 0:
+                return np.zeros(n)
+            v = w / norm
+        lam = v * np.sqrt(max(float(v @ r @ v), 0.0))
+        np.fill_diagonal(r, lam ** 2)
+    lam = lam if lam.sum() >= 0 else -lam
+    return np.clip(lam, -0.995, 0.995)
+
+
+def _row_code_pmfs(ls: Any, cfg: LayerConfig, signed: bool, x_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes (n,), pmf (K, n))``: each patch row's input-code distribution (its channel's, with the
+    non-zero part scaled so ``E[x_k²]`` matches the probed ``row_sq_mean``; the rest at code 0)."""
+    codes, pmf = _channel_code_pmf(ls, x_max, cfg.input_bits, signed)
+    k_total, c_in = int(ls.fan_in), pmf.shape[0]
+    if k_total % c_in:
+        raise CalibrationError(f"layer {ls.name}: fan_in {k_total} is not a multiple of its {c_in} histogram "
+                               "channels; grouped layers are not supported by ADC calibration")
+    row_ch = np.arange(k_total) // (k_total // c_in)
+    step = x_max / ((2 ** (cfg.input_bits - 1) - 1) if signed else (2 ** cfg.input_bits - 1))
+    q2_ch = pmf @ (codes.astype(np.float64) ** 2)
+    row_q2 = np.asarray(ls.row_sq_mean, dtype=np.float64) / step ** 2
+    lam = np.clip(np.where(q2_ch[row_ch] > 0, row_q2 / np.where(q2_ch[row_ch] > 0, q2_ch[row_ch], 1.0), 0.0),
+                  0.0, 1.0)
+    rows = lam[:, None] * pmf[row_ch]
+    rows[:, int(np.flatnonzero(codes == 0)[0])] += 1.0 - lam
+    return codes, rows
+
+
+@dataclass
+class FactorComponents:
+    """Weighted partial-sum components of one (input slice, weight slice), ``n`` of them (per factor node,
+    pass, conversion, channel, tile): exact point masses ``point_probs (n, m)`` at ``point_values (n, m)``
+    (no active row off its resting value; exactly one) and a continuous rest of probability ``cont_prob``
+    with ``mean``, ``var``, ``skew``. Probabilities already include the component's weight."""
+
+    point_values: np.ndarray
+    point_probs: np.ndarray
+    cont_prob: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    skew: np.ndarray
+    kurt: np.ndarray
+    """Excess kurtosis of the continuous part (a gamma scale mixture, as in :func:`partial_sum_mixture`)."""
+
+
+def _jump_masses(ratio: np.ndarray, rest: np.ndarray, levels: np.ndarray, ct: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets (D,), mass (nodes, C, D))``: ``Σ_k Σ_l [c_k (l - r_k) = d] ratio[u, k, l]`` per jump ``d``."""
+    cvals = [v for v in np.unique(ct) if v != 0]
+    reach = int(max([abs(v) for v in cvals], default=0) * (levels.max() - levels.min()))
+    offsets = np.arange(-reach, reach + 1)
+    mass = np.zeros((ratio.shape[0], ct.shape[0], offsets.size))
+    for r in np.unique(rest):
+        rows = rest == r
+        part = ratio if rows.all() else ratio[:, rows, :]
+        cr = ct if rows.all() else ct[:, rows]
+        for v in cvals:
+            sel = (cr == v).astype(np.float64)                                  # (C, K_r)
+            hits = np.tensordot(part, sel, axes=([1], [1]))                    # (nodes, L, C)
+            for li, lev in enumerate(levels):
+                if lev != r:
+                    mass[:, :, int(round(v * (lev - r))) + reach] += hits[:, li, :]
+    return offsets, mass
+
+
+def factor_partial_sums(ls: Any, weight_matrix: np.ndarray, cfg: LayerConfig, signed: bool, x_max: float,
+                        n_nodes: int = FACTOR_NODES) -> list[list[FactorComponents]]:
+    """Per (input slice j, weight slice s): the partial sums of every (pass, conversion, channel, tile) under a
+    one-factor Gaussian copula of the tile's rows, conditioned on the factor at Gauss–Hermite nodes.
+
+    Given the factor ``u`` the rows are independent, each with its own code pmf shifted by its loading
+    (``P(code <= i | u) = Φ((Φ^{-1}(F_k(i)) - λ_k u)/sqrt(1-λ_k²))``, ``λ`` the one-factor fit of the
+    tile's latent correlation). So per node the partial sum has exact conditional moments, an exact
+    point mass ``π0 = Π_k P(σ(v_k) = r_k | u)`` at the value it takes when every active row sits at its
+    most likely slice value ``r_k`` (MNIST's constant background, ReLU zeros, empty MSB slices), and
+    exact masses ``π0·P(σ(v_k) = l | u)/P(σ(v_k) = r_k | u)`` where exactly one row ``k`` is off it, at
+    ``rest + c_k (l - r_k)``. What is left (two or more rows off rest) is a skewed continuous part with
+    the remaining moments, rounded to the lattice. Mixing over the factor gives the co-activation tails;
+    the residual correlation the single factor misses is added to the continuous part's variance so the
+    total variance equals the full copula's (:func:`analytic_partial_sums`). With device noise there is
+    no point mass (everything is continuous)."""
+    from numpy.polynomial.hermite_e import hermegauss
+    from scipy.special import ndtr, ndtri
+
+    codes, rows = _row_code_pmfs(ls, cfg, signed, x_max)
+    _, x_transfer = input_pass_pmfs(ls, cfg, signed, x_max)
+    convs = weight_conversions(weight_matrix, cfg)
+    tiles = _tile_bounds(int(ls.fan_in), cfg)
+    nodes, wts = hermegauss(n_nodes)
+    wts = wts / wts.sum()
+    passes = _pass_values(codes, cfg, signed)
+    widths = cfg.input_slices(signed)
+    table_var = _copula_variances(ls, weight_matrix, cfg, signed, x_max)
+    thr = ndtri(np.clip(np.cumsum(rows, 1), 1e-300, 1.0))            # (K, n), +inf at the top code
+    acc: dict[tuple[int, int], list[tuple[np.ndarray, ...]]] = {}
+    n_parts = {}
+    for t, rho in enumerate(_tile_latent_correlations(ls, tiles, x_transfer)):
+        a, b = tiles[t]
+        lam = _one_factor_loadings(rho.double().numpy())
+        sd_e = np.sqrt(1.0 - lam ** 2)
+        ccdf = ndtr((thr[None, a:b, :] - lam[None, :, None] * nodes[:, None, None]) / sd_e[None, :, None])
+        ccdf[..., -1] = 1.0
+        cpmf = np.diff(ccdf, axis=2, prepend=0.0).clip(0.0, None)     # (nodes, rows, codes)
+        for v in passes:
+            for j, sl in enumerate(_slices(v, widths)):
+                levels = np.unique(sl)
+                onehot = (sl[:, None] == levels[None, :]).astype(np.float64)       # (n, L)
+                lev_p = cpmf @ onehot                                               # (nodes, rows, L)
+                m1, m2, m3 = lev_p @ levels, lev_p @ levels ** 2, lev_p @ levels ** 3
+                var_k = np.clip(m2 - m1 ** 2, 0.0, None)
+                k3_k = m3 - 3 * m1 * m2 + 2 * m1 ** 3
+                rest_idx = np.argmax(rows[a:b] @ onehot, axis=1)
+                rest = levels[rest_idx]
+                p_rest = np.take_along_axis(lev_p, rest_idx[None, :, None], axis=2)[..., 0]
+                log_rest = np.log(np.clip(p_rest, 1e-300, 1.0))
+                ratio = lev_p / np.clip(p_rest, 1e-300, None)[..., None]
+                for s_idx, conv in enumerate(convs):
+                    for c, dev in conv:
+                        key = (j, s_idx)
+                        true_var = table_var[key][n_parts.get(key, 0)]
+                        n_parts[key] = n_parts.get(key, 0) + 1
+                        ct = c[:, a:b]
+                        mean_u = m1 @ ct.T                                          # (nodes, C)
+                        var_u = var_k @ (ct ** 2).T
+                        k3_u = k3_k @ (ct ** 3).T
+                        model_var = wts @ (mean_u - wts @ mean_u) ** 2 + wts @ var_u
+                        resid = np.clip(true_var - model_var, 0.0, None)
+                        extra = resid + dev[:, a:b] @ (rows[a:b] @ sl ** 2)
+                        rest_val = np.broadcast_to(ct @ rest, mean_u.shape)
+                        if dev[:, a:b].max(initial=0.0) > 0:
+                            offsets, jumps = np.zeros(1), np.zeros(mean_u.shape + (1,))
+                            pi0 = np.zeros_like(mean_u)
+                        else:
+                            pi0 = np.exp(log_rest @ (ct != 0).astype(np.float64).T)
+                            offsets, jumps = _jump_masses(ratio, rest, levels, ct)
+                            jumps = jumps * pi0[..., None]
+                        pts = np.concatenate([rest_val[..., None], rest_val[..., None] + offsets], axis=-1)
+                        pps = np.concatenate([pi0[..., None], jumps], axis=-1)
+                        acc.setdefault(key, []).append((wts, pts, pps, mean_u, var_u + extra[None, :], k3_u,
+                                                        np.broadcast_to(resid, mean_u.shape)))
+    out = []
+    for j in range(len(widths)):
+        row = []
+        for s_idx in range(len(convs)):
+            parts = acc[(j, s_idx)]
+            width = max(p[1].shape[-1] for p in parts)
+            cols = []
+            for w, pts, pps, mean, var, k3, resid in parts:
+                pad = width - pts.shape[-1]
+                pts = np.pad(pts, ((0, 0), (0, 0), (0, pad)), mode="edge")
+                pps = np.pad(pps, ((0, 0), (0, 0), (0, pad)))
+                cols.append((np.broadcast_to(w[:, None], mean.shape), pts, pps, mean, var, k3, resid))
+            w, pts, pps, mean, var, k3, resid = (np.concatenate([c_[i].reshape(-1, *c_[i].shape[2:])
+                                                                 for c_ in cols]) for i in range(7))
+            e1, e2, e3 = mean, var + mean ** 2, k3 + 3 * mean * var + mean ** 3
+            q = np.clip(1.0 - pps.sum(1), 0.0, 1.0)
+            safe = np.where(q > 1e-9, q, 1.0)
+            ma = (e1 - (pps * pts).sum(1)) / safe
+            e2a = (e2 - (pps * pts ** 2).sum(1)) / safe
+            e3a = (e3 - (pps * pts ** 3).sum(1)) / safe
+            va = np.clip(e2a - ma ** 2, 0.0, None)
+            k3a = e3a - 3 * ma * e2a + 2 * ma ** 3
+            skew = np.where(va > 1e-9, k3a / np.maximum(va, 1e-9) ** 1.5, 0.0)
+            q = np.where(q > 1e-9, q, 0.0)
+            total = np.maximum(pps.sum(1) + q, 1e-300)
+            pps, q = pps / total[:, None], q / total
+            # the residual correlation is heavy-tailed like the moment model's partial sums
+            # (PARTIAL_SUM_KURTOSIS); excess kurtosis of the sum by its share of the continuous variance
+            share = np.clip(resid / np.maximum(q * va, 1e-12), 0.0, 1.0)
+            row.append(FactorComponents(pts, pps * w[:, None], q * w, ma, va, skew,
+                                        PARTIAL_SUM_KURTOSIS * share ** 2))
+        out.append(row)
+    return out
+
+
+def _copula_variances(ls: Any, weight_matrix: np.ndarray, cfg: LayerConfig, signed: bool, x_max: float
+                      ) -> dict[tuple[int, int], list[np.ndarray]]:
+    """The full-copula variance (C,) of each (input slice, weight slice), one per (tile, pass, conversion) in
+    the order :func:`factor_partial_sums` meets them."""
+    table = analytic_partial_sums(ls, weight_matrix, cfg, signed, x_max)
+    n_tiles = len(_tile_bounds(int(ls.fan_in), cfg))
+    return {(j, s): [parts[p][1][:, t] for t in range(n_tiles) for p in range(len(parts))]
+            for j, row in enumerate(table) for s, parts in enumerate(row)}
+
+
+def factor_mixture(comp: FactorComponents, r_max: float, n_nodes: int = 41, n_scale_nodes: int = 9
+                   ) -> PartialSumMixture:
+    """Pool :class:`FactorComponents` into a pmf on the integer partial-sum lattice (coarser bins when wide):
+    point masses exactly, continuous parts at skewed-Gaussian quantile nodes rounded to the lattice."""
+    sd = np.sqrt(comp.var)
+    skew = np.clip(comp.skew, -20.0, 20.0)
+    live = comp.cont_prob > 1e-15
+    used = comp.point_probs > 0
+    wide = sd * (1 + np.abs(skew)) * np.sqrt(1.0 + 3.0 * np.sqrt(np.clip(comp.kurt, 0.0, 150.0)))
+    lo = min(float(comp.point_values[used].min()) if used.any() else np.inf,
+             float(np.min((comp.mean - 8 * wide)[live])) if live.any() else np.inf) - 1
+    hi = max(float(comp.point_values[used].max()) if used.any() else -np.inf,
+             float(np.max((comp.mean + 8 * wide)[live])) if live.any() else -np.inf) + 1
+    lo, hi = max(lo, -r_max - 1), min(hi, r_max + 1)
+    spacing = max(1.0, float(np.ceil((hi - lo) / MAX_LATTICE)))
+    start = np.floor(lo / spacing) * spacing
+    n_bins = int(np.ceil((hi - start) / spacing)) + 1
+    probs = np.bincount(np.clip(np.round((comp.point_values[used] - start) / spacing).astype(np.int64), 0,
+                                n_bins - 1), weights=comp.point_probs[used], minlength=n_bins)
+    z = np.linspace(-7.0, 7.0, n_nodes)
+    wz = np.exp(-0.5 * z ** 2)
+    wz /= wz.sum()
+    cv2 = np.clip(comp.kurt / 3.0, 0.0, 50.0)
+    zw = np.linspace(-4.5, 4.5, n_scale_nodes)
+    ww = np.exp(-0.5 * zw ** 2)
+    ww /= ww.sum()
+    idx_live = np.flatnonzero(live)
+    chunk = max(1, 4_000_000 // (n_nodes * n_scale_nodes))
+    for a in range(0, idx_live.size, chunk):
+        sel = idx_live[a:a + chunk]
+        scale = np.maximum(1.0 + np.sqrt(cv2[sel])[:, None] * skewed_quantiles(zw, 2.0 * np.sqrt(cv2[sel])), 0.0)
+        scale /= np.maximum(scale @ ww, 1e-12)[:, None]
+        y = skewed_quantiles(z, skew[sel])
+        x = comp.mean[sel, None, None] + sd[sel, None, None] * np.sqrt(scale)[:, :, None] * y[:, None, :]
+        idx = np.clip(np.round((x - start) / spacing).astype(np.int64), 0, n_bins - 1)
+        wt = comp.cont_prob[sel, None, None] * ww[None, :, None] * wz[None, None, :]
+        probs += np.bincount(idx.ravel(), weights=np.broadcast_to(wt, x.shape).ravel(), minlength=n_bins)
+    grid = start + spacing * np.arange(n_bins)
+    probs /= probs.sum()
+    keep = probs > 1e-15
+    return PartialSumMixture(grid[keep], probs[keep])

@@ -23,7 +23,7 @@ from cimstat.calibrate.store import CalibrationStore
 __all__ = ["resolve", "Calibrations", "probe_identity", "input_key", "adc_key", "METHODS"]
 
 METHODS = ("analytic", "profiled")
-ALGORITHM_VERSION = 6
+ALGORITHM_VERSION = 7
 """Part of every key: bump when a calibration algorithm changes, so stored results are recomputed."""
 
 
