@@ -45,17 +45,25 @@ def _configs(thermal_offset: float) -> dict[str, HardwareConfig]:
     return out
 
 
-def time_engine(engine: Engine, repeats: int) -> dict[str, tuple[float, float]]:
-    """Median (wall s, CPU s) per config, first call excluded."""
+def time_engine(engine: Engine, repeats: int, cold: dict | None = None) -> dict[str, tuple[float, float]]:
+    """Median (wall s, CPU s) per config, first call excluded (its times go to ``cold``)."""
     res: dict[str, list[tuple[float, float]]] = {n: [] for n in CONFIGS}
     for r in range(repeats + 1):
         for name, cfg in _configs(0.01 * r).items():
             resolved = engine.resolve(cfg)
             w0, c0 = time.perf_counter(), time.process_time()
             engine.estimate(cfg, resolved)
+            t = (time.perf_counter() - w0, time.process_time() - c0)
             if r > 0:
-                res[name].append((time.perf_counter() - w0, time.process_time() - c0))
+                res[name].append(t)
+            elif cold is not None:
+                cold[name] = t
     return {n: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for n, v in res.items()}
+
+
+def _print_cold(label: str, cold: dict) -> None:
+    for name, (wall, cpu) in cold.items():
+        print(f"{label} {name:20s} first call (cold) {1e3 * wall:9.1f} ms (cpu {1e3 * cpu:9.1f} ms)")
 
 
 def synthetic_imagenet_probes(n_images: int = 64, rank: int = 64, seed: int = 0) -> tuple[ProbeSet, dict]:
@@ -122,7 +130,9 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = engine_for(probes)
     print(f"default: engine set-up {time.perf_counter() - t0:.2f} s (once per probe set)")
-    times = time_engine(engine, args.repeats)
+    cold: dict = {}
+    times = time_engine(engine, args.repeats, cold)
+    _print_cold("default ", cold)
     for name, (wall, cpu) in times.items():
         mc = mc_seconds(_configs(0.0)[name], engine, args.mc_images)
         print(f"default  {name:20s} estimate {1e3 * wall:9.1f} ms (cpu {1e3 * cpu:9.1f} ms)  "
@@ -144,7 +154,10 @@ def main() -> None:
                 out[n] = ResolvedLayer(n, c, LayerRanges(ls.signed_input, 3.0, adc))
             return out
         eng.resolve = resolve  # type: ignore[method-assign]
-        for name, (wall, cpu) in time_engine(eng, max(1, args.repeats // 2)).items():
+        cold_in: dict = {}
+        warm_in = time_engine(eng, max(1, args.repeats // 2), cold_in)
+        _print_cold("imagenet", cold_in)
+        for name, (wall, cpu) in warm_in.items():
             print(f"imagenet {name:20s} estimate {1e3 * wall:9.1f} ms (cpu {1e3 * cpu:9.1f} ms)")
 
 

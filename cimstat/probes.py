@@ -32,12 +32,13 @@ import numpy as np
 from cimstat.errors import ProbeFileError
 
 __all__ = [
-    "SCHEMA_VERSION", "STAT_FILE", "NOISE_PROP_FILE", "LayerStats", "ActivationStats", "LayerNoiseProp",
+    "SCHEMA_VERSION", "NOISE_SCHEMA_VERSION", "STAT_FILE", "NOISE_PROP_FILE", "LayerStats", "ActivationStats", "LayerNoiseProp",
     "NoiseProp", "ProbeSet", "RestrictedUnpickler", "write_stats", "write_noise_prop", "read_stats",
     "read_noise_prop", "load_probes", "default_probe_dir", "ensure_default_probes", "repo_root",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1          #: of ``stat.pkl``
+NOISE_SCHEMA_VERSION = 3    #: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``)
 STAT_FILE = "stat.pkl"
 NOISE_PROP_FILE = "noise_prop.pkl"
 _STAT_SCHEMA = "cimstat.stat"
@@ -154,13 +155,27 @@ class LayerNoiseProp:
     ratio: np.ndarray               #: (C_out, n_classes) logit variance per unit white-noise variance per channel
     weight_sens: np.ndarray         #: (C_out, K) S_k = E_x sum_j (dz_j/dW_k)^2
     weight_sens_class: np.ndarray   #: (C_out, n_classes) sum_{k in c} E_x (dz_j/dW_k)^2
+    #: (N, C_out, D) per probe image n, channel c, logit direction d: ``Σ_p (y_cp - b_c)·∂z_d/∂y_cp``,
+    #: the change of ``z_d`` per unit relative gain error of channel c (``y - b``: output without bias)
+    gain_jac: np.ndarray | None = None
+    #: (N, C_out, D) ``Σ_p ∂z_d/∂y_cp``: the change of ``z_d`` per unit constant offset of channel c
+    offset_jac: np.ndarray | None = None
+    #: (N, D) per image: ``Σ_c Σ_p (∂z_d/∂y_cp)²`` (how strongly white noise of this layer reaches
+    #: logit direction d for this image; the images of ``gain_jac``)
+    ratio_image: np.ndarray | None = None
+    #: (N, D) per image: ``Σ_{c,k} (∂z_d/∂W_ck)²`` (the same for fixed weight errors)
+    sens_image: np.ndarray | None = None
+    #: (N, D, C_out, K) per-sample weight gradients ``∂z_d/∂W_ck`` of the ``gain_jac`` images (float16);
+    #: small layers only
+    weight_grad: np.ndarray | None = None
 
 
 @dataclass
 class NoiseProp:
     """``noise_prop.pkl``: per-layer propagation ratios and weight sensitivities."""
 
-    meta: dict[str, Any]            #: + "method" ("jacobian"/"injection"), "class_estimator"
+    meta: dict[str, Any]            #: + "method" ("jacobian"/"injection"), "class_estimator",
+    #: "coherent_directions": "classes" (direction d = logit d) or "rademacher(D)" (random ±1 projections)
     layers: dict[str, LayerNoiseProp]
 
 
@@ -234,7 +249,7 @@ def write_stats(stats: ActivationStats, path: str | Path) -> Path:
 
 def write_noise_prop(noise: NoiseProp, path: str | Path) -> Path:
     """Write ``noise`` to ``path`` (atomically)."""
-    doc = {"schema": _NOISE_SCHEMA, "schema_version": SCHEMA_VERSION, "meta": _plain(noise.meta),
+    doc = {"schema": _NOISE_SCHEMA, "schema_version": NOISE_SCHEMA_VERSION, "meta": _plain(noise.meta),
            "layers": [_plain({f.name: getattr(l, f.name) for f in fields(LayerNoiseProp)})
                       for l in noise.layers.values()]}
     _atomic_pickle(doc, Path(path))
@@ -321,16 +336,16 @@ class _Reader:
             raise self.fail(f"{where}[{key!r}] holds non-finite values")
         return v
 
-    def header(self, doc: Any, schema: str) -> dict[str, Any]:
+    def header(self, doc: Any, schema: str, expected: int = SCHEMA_VERSION) -> dict[str, Any]:
         if not isinstance(doc, dict):
             raise self.fail(f"top level is a {type(doc).__name__}, expected a dict")
         got = doc.get("schema")
         if got != schema:
             raise self.fail(f"schema {got!r}, expected {schema!r}")
         version = doc.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version != expected:
             raise self.fail(f"schema version {version!r} is not supported (this cimstat reads version "
-                            f"{SCHEMA_VERSION}); re-run probing")
+                            f"{expected}); re-run probing")
         meta = self.get(doc, "meta", "file", dict)
         for k in _META_KEYS:
             self.get(meta, k, "meta")
@@ -412,7 +427,7 @@ def read_noise_prop(path: str | Path, stats: ActivationStats | None = None) -> N
     path = Path(path)
     r = _Reader(path)
     doc = _read_pickle(path)
-    meta = r.header(doc, _NOISE_SCHEMA)
+    meta = r.header(doc, _NOISE_SCHEMA, NOISE_SCHEMA_VERSION)
     r.get(meta, "method", "meta", str)
     layers: dict[str, LayerNoiseProp] = {}
     for i, d in enumerate(r.get(doc, "layers", "file", list)):
@@ -425,8 +440,20 @@ def read_noise_prop(path: str | Path, stats: ActivationStats | None = None) -> N
             c_out, k_, n_cls = stats.layers[name].out_channels, stats.layers[name].fan_in, stats.n_classes
         ratio = r.array(d, "ratio", where, (c_out, n_cls))
         c_out, n_cls = ratio.shape
-        layers[name] = LayerNoiseProp(name, ratio, r.array(d, "weight_sens", where, (c_out, k_)),
-                                      r.array(d, "weight_sens_class", where, (c_out, n_cls)))
+        gain = r.array(d, "gain_jac", where, (None, c_out, None), optional=True)
+        n_coh = None if gain is None else gain.shape[0]
+        offset = r.array(d, "offset_jac", where, (n_coh, c_out, None if gain is None else gain.shape[2]),
+                         optional=True)
+        n_dir = None if gain is None else gain.shape[2]
+        ratio_img = r.array(d, "ratio_image", where, (n_coh, n_dir), optional=True)
+        sens_img = r.array(d, "sens_image", where, (n_coh, n_dir), optional=True)
+        if len({gain is None, offset is None, ratio_img is None, sens_img is None}) != 1:
+            raise r.fail(f"{where} has only some of gain_jac / offset_jac / ratio_image / sens_image")
+        sens = r.array(d, "weight_sens", where, (c_out, k_))
+        k_ = sens.shape[1]
+        layers[name] = LayerNoiseProp(name, ratio, sens, r.array(d, "weight_sens_class", where, (c_out, n_cls)),
+                                      gain, offset, ratio_img, sens_img,
+                                      r.array(d, "weight_grad", where, (n_coh, n_dir, c_out, k_), optional=True))
     if stats is not None:
         missing = [n for n in stats.layers if n not in layers]
         if missing:
@@ -488,17 +515,30 @@ DEFAULT_STAT_IMAGES = 1000   #: the whole default probe split
 DEFAULT_NOISE_IMAGES = 64
 
 
-def _probes_fresh(directory: Path, fingerprint: str, n_stat: int, n_noise: int, seed: int) -> bool:
+def _stats_fresh(directory: Path, fingerprint: str, n_stat: int, seed: int) -> bool:
+    from cimstat.data import info
+
+    try:
+        stats = read_stats(directory / STAT_FILE)
+        check_fingerprint(stats.meta, fingerprint, directory)
+    except ProbeFileError:
+        return False
+    s = stats.meta
+    return (s.get("dataset_description") == info("default").description  # same split and image order
+            and s["n_images"] == n_stat and s["seed"] == seed)
+
+
+def _noise_fresh(directory: Path, fingerprint: str, n_noise: int) -> bool:
     try:
         probes = load_probes(directory, fingerprint, require_noise_prop=True)
     except ProbeFileError:
         return False
-    from cimstat.data import info
+    n = probes.noise_prop.meta  # type: ignore[union-attr]
+    return n["n_images"] == n_noise and n.get("method") == "jacobian"
 
-    s, n = probes.stats.meta, probes.noise_prop.meta  # type: ignore[union-attr]
-    return (s.get("dataset_description") == info("default").description  # same split and image order
-            and s["n_images"] == n_stat and s["seed"] == seed and n["n_images"] == n_noise
-            and n.get("method") == "jacobian")
+
+def _probes_fresh(directory: Path, fingerprint: str, n_stat: int, n_noise: int, seed: int) -> bool:
+    return _stats_fresh(directory, fingerprint, n_stat, seed) and _noise_fresh(directory, fingerprint, n_noise)
 
 
 def ensure_default_probes(directory: str | Path | None = None, *, n_stat_images: int = DEFAULT_STAT_IMAGES,
@@ -506,8 +546,9 @@ def ensure_default_probes(directory: str | Path | None = None, *, n_stat_images:
                           batch_size: int = 100) -> Path:
     """Probe files of the default model in ``directory`` (default :func:`default_probe_dir`).
 
-    Re-probes only when a file is missing, unreadable, of another schema version, made for
-    other weights, or with other settings; a file lock keeps concurrent callers from probing
+    Re-probes only what is missing, unreadable, of another schema version, made for other
+    weights, or with other settings (fresh activation statistics are kept when only
+    ``noise_prop.pkl`` is stale); a file lock keeps concurrent callers from probing
     twice. Returns the directory.
     """
     import fcntl
@@ -526,9 +567,12 @@ def ensure_default_probes(directory: str | Path | None = None, *, n_stat_images:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _probes_fresh(directory, fp, n_stat_images, n_noise_images, seed):
             return directory
-        stats = probe_model(model, "default", "default", n_images=n_stat_images, seed=seed,
-                            batch_size=batch_size, progress=progress)
-        write_stats(stats, directory / STAT_FILE)
+        if _stats_fresh(directory, fp, n_stat_images, seed):  # only noise_prop.pkl is stale
+            stats = read_stats(directory / STAT_FILE)
+        else:
+            stats = probe_model(model, "default", "default", n_images=n_stat_images, seed=seed,
+                                batch_size=batch_size, progress=progress)
+            write_stats(stats, directory / STAT_FILE)
         noise = noise_propagation(model, "default", "default", stats, n_images=n_noise_images,
                                   method="jacobian", batch_size=32, progress=progress)
         write_noise_prop(noise, directory / NOISE_PROP_FILE)

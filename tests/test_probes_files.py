@@ -16,7 +16,7 @@ from cimstat.activation_stats import probe_activations
 from cimstat.errors import ProbeFileError
 from cimstat.models import weights_fingerprint
 from cimstat.noise_propagation import jacobian_propagation
-from cimstat.probes import (SCHEMA_VERSION, ActivationStats, NoiseProp, read_stats, write_noise_prop,
+from cimstat.probes import (NOISE_SCHEMA_VERSION, SCHEMA_VERSION, ActivationStats, NoiseProp, read_stats, write_noise_prop,
                             write_stats)
 
 from test_probing_tiny import TinyNet, _tiny
@@ -86,10 +86,27 @@ def test_pickle_importing_anything_else_is_refused(tiny_probe_dir, tmp_path, pay
         load_probes(d)
 
 
-def test_unknown_schema_version(tiny_probe_dir, tmp_path):
+@pytest.mark.parametrize("file,version", [("stat.pkl", SCHEMA_VERSION + 1), ("noise_prop.pkl", NOISE_SCHEMA_VERSION + 1),
+                                          ("noise_prop.pkl", 1)])  # version 1: before the coherent Jacobians
+def test_unknown_schema_version(tiny_probe_dir, tmp_path, file, version):
     d = _copy(tiny_probe_dir[0], tmp_path)
-    _rewrite(d / "noise_prop.pkl", lambda doc: doc.__setitem__("schema_version", SCHEMA_VERSION + 1))
-    with pytest.raises(ProbeFileError, match="schema version 2 is not supported"):
+    _rewrite(d / file, lambda doc: doc.__setitem__("schema_version", version))
+    with pytest.raises(ProbeFileError, match=f"schema version {version} is not supported.*re-run probing"):
+        load_probes(d)
+
+
+@pytest.mark.parametrize("key", ["gain_jac", "offset_jac", "ratio_image", "sens_image"])
+def test_partial_coherent_jacobians_are_refused(tiny_probe_dir, tmp_path, key):
+    d = _copy(tiny_probe_dir[0], tmp_path)
+    _rewrite(d / "noise_prop.pkl", lambda doc: doc["layers"][0].__setitem__(key, None))
+    with pytest.raises(ProbeFileError, match="only some of gain_jac"):
+        load_probes(d)
+
+
+def test_coherent_jacobian_of_wrong_shape_is_refused(tiny_probe_dir, tmp_path):
+    d = _copy(tiny_probe_dir[0], tmp_path)
+    _rewrite(d / "noise_prop.pkl", lambda doc: doc["layers"][0].__setitem__("offset_jac", doc["layers"][0]["offset_jac"][:, :1]))
+    with pytest.raises(ProbeFileError, match="offset_jac.*has shape"):
         load_probes(d)
 
 

@@ -740,7 +740,8 @@ def factor_mixture(comp: FactorComponents, r_max: float, n_nodes: int = 41, n_sc
     start = np.floor(lo / spacing) * spacing
     n_bins = int(np.ceil((hi - start) / spacing)) + 1
     probs = np.bincount(np.clip(np.round((comp.point_values[used] - start) / spacing).astype(np.int64), 0,
-                                n_bins - 1), weights=comp.point_probs[used], minlength=n_bins)
+                                n_bins - 1), weights=comp.point_probs[used], minlength=n_bins).astype(np.float64)
+    # (astype: bincount of an empty selection is int64 whatever the weights)
     z = np.linspace(-7.0, 7.0, n_nodes)
     wz = np.exp(-0.5 * z ** 2)
     wz /= wz.sum()

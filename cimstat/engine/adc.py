@@ -107,10 +107,16 @@ def _beta_shape(mu: np.ndarray, var: np.ndarray, upper: float) -> tuple[np.ndarr
 def _cdf(x: np.ndarray, mu: np.ndarray, sd: np.ndarray, gamma: bool | float) -> np.ndarray:
     """CDF at ``x (E, B)`` of a Gaussian, a Gamma (``gamma=True``) or a Beta on ``[0, gamma]``
     (``gamma`` a number: the largest possible value) with mean μ and std sd per element."""
-    out = ndtr((x - mu[:, None]) / np.maximum(sd, 1e-12)[:, None])
     if gamma is not True and gamma:
         a, b = _beta_shape(mu, sd * sd, float(gamma))
-        return betainc(a[:, None], b[:, None], np.clip(x / float(gamma), 0.0, 1.0))
+        t = np.clip(x / float(gamma), 0.0, 1.0)
+        # betainc is exactly 0 at t = 0 and 1 at t = 1: evaluate it only strictly inside
+        out = (t >= 1.0).astype(np.float64)
+        inside = (t > 0.0) & (t < 1.0)
+        rows = np.nonzero(inside)[0]
+        out[inside] = betainc(a[rows], b[rows], t[inside])
+        return out
+    out = ndtr((x - mu[:, None]) / np.maximum(sd, 1e-12)[:, None])
     if gamma:
         k, theta = _gamma_shape(mu, sd * sd)
         skewed = k < 400
@@ -177,6 +183,30 @@ def _table(grid: np.ndarray, delta: float, lo: int, hi: int, sigma_w: float, sig
     return g, gm
 
 
+_TABLES: dict[tuple, tuple[int, np.ndarray, np.ndarray]] = {}
+
+
+def _integer_table(start: int, n: int, delta: float, lo: int, hi: int, sigma_w: float, sigma_n: float,
+                   dither: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_table` on the integers ``start .. start+n-1``, memoised per parameter set (the
+    table is pointwise, so a slice of a wider table holds the very same values)."""
+    key = (float(delta), int(lo), int(hi), float(sigma_w), float(sigma_n), float(dither))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] <= start and start + n <= hit[0] + len(hit[1]):
+        i = start - hit[0]
+        return hit[1][i:i + n], hit[2][i:i + n]
+    a, b = start, start + n
+    if hit is not None:
+        a, b = min(a, hit[0]), max(b, hit[0] + len(hit[1]))
+    grid = float(a) + np.arange(b - a, dtype=np.float64)
+    g, gm = _table(grid, delta, lo, hi, sigma_w, sigma_n, dither)
+    if len(_TABLES) > 512:
+        _TABLES.clear()
+    _TABLES[key] = (a, g, gm)
+    i = start - a
+    return g[i:i + n], gm[i:i + n]
+
+
 def _tabulated(mu: np.ndarray, sd: np.ndarray, gamma: bool, h: float, delta: float, lo: int, hi: int,
                sigma_w: float, sigma_n: float, dither: float, align: bool):
     """``(E[err], E[err²])`` averaging the tabulated g against the distribution's CDF.
@@ -191,8 +221,11 @@ def _tabulated(mu: np.ndarray, sd: np.ndarray, gamma: bool, h: float, delta: flo
     if align:
         g_lo, g_hi = math.floor(g_lo), math.ceil(g_hi)
     n = int(round((g_hi - g_lo) / h)) + 1
-    grid = g_lo + h * np.arange(n, dtype=np.float64)
-    g, gm = _table(grid, delta, lo, hi, sigma_w, sigma_n, dither)
+    if align and h == 1.0:  # integer grid: pointwise values, shared by every call with these parameters
+        g, gm = _integer_table(int(g_lo), n, delta, lo, hi, sigma_w, sigma_n, dither)
+    else:
+        grid = g_lo + h * np.arange(n, dtype=np.float64)
+        g, gm = _table(grid, delta, lo, hi, sigma_w, sigma_n, dither)
     cg = np.concatenate([[0.0], np.cumsum(g)])
     cgm = np.concatenate([[0.0], np.cumsum(gm)])
     width = np.maximum(1, np.ceil(sd / (3 * h))).astype(np.int64)

@@ -86,26 +86,43 @@ class DeviceNoise:
         return self.tables[l].var[levels]
 
 
-def device_noise(levels: list[np.ndarray], cfg: LayerConfig) -> DeviceNoise:
-    """Device-noise statistics from the target levels of every slice (``device_levels``)."""
+def device_noise(levels: list[np.ndarray] | None, cfg: LayerConfig, codes: np.ndarray | None = None) -> DeviceNoise:
+    """Device-noise statistics from the target levels of every slice (``device_levels``).
+
+    With ``codes`` (the signed weight codes ``(C_out, K)``) the per-weight sums are read from
+    one table per code (every device level is a function of the code), bit-identical to the
+    sums over slices and devices; ``levels`` may then be None.
+    """
     widths = cfg.weight_slices()
     sign = np.array([1.0, -1.0]) if cfg.weight_encoding is WeightEncoding.DIFFERENTIAL else np.array([1.0])
-    shape = levels[0].shape[1:]
+    tables = [level_noise(cfg, width) for width in widths]
+    if codes is not None:
+        from .weight_quantization import device_levels
+
+        qmax = 2 ** (cfg.weight_bits - 1) - 1
+        grid = np.arange(-qmax, qmax + 1, dtype=np.int64)
+        lut_p, lut_r, lut_b = _sums(device_levels(grid, cfg), tables, widths, sign, grid.shape)
+        idx = codes + qmax
+        var_p, var_r, bias = lut_p[idx], lut_r[idx], lut_b[idx]
+    else:
+        var_p, var_r, bias = _sums(levels, tables, widths, sign, levels[0].shape[1:])
+    wp = wr = 0.0
+    for tab in tables:
+        wp += float(tab.var_prog.sum())
+        wr += float(tab.var_read.sum())
+    share = wp / (wp + wr) if wp + wr > 0 else 1.0
+    return DeviceNoise(var_prog=var_p, var_read=var_r, bias=bias, bias_share_prog=share, tables=tables)
+
+
+def _sums(levels, tables, widths, sign, shape):
     var_p = np.zeros(shape)
     var_r = np.zeros(shape)
     bias = np.zeros(shape)
-    tables = []
     offset = 0
-    wp = wr = 0.0
-    for g, width in zip(levels, widths):
-        tab = level_noise(cfg, width)
+    for g, width, tab in zip(levels, widths, tables):
         for d in range(g.shape[0]):
             var_p += 4.0 ** offset * tab.var_prog[g[d]]
             var_r += 4.0 ** offset * tab.var_read[g[d]]
             bias += 2.0 ** offset * sign[d] * tab.bias[g[d]]
-        wp += float(tab.var_prog.sum())
-        wr += float(tab.var_read.sum())
-        tables.append(tab)
         offset += width
-    share = wp / (wp + wr) if wp + wr > 0 else 1.0
-    return DeviceNoise(var_prog=var_p, var_read=var_r, bias=bias, bias_share_prog=share, tables=tables)
+    return var_p, var_r, bias

@@ -22,7 +22,7 @@ import numpy as np
 from cimstat.hardware import LayerConfig, SignedInputEncoding
 from cimstat.stats import ChannelDistribution, QuantizedInput, SliceStats, applied_codes
 
-__all__ = ["InputPass", "InputPlan", "input_plan", "input_quantization_error"]
+__all__ = ["InputPass", "InputPlan", "input_plan", "input_error_terms", "input_quantization_error"]
 
 
 @dataclass(frozen=True)
@@ -68,18 +68,27 @@ def input_plan(dist: ChannelDistribution, cfg: LayerConfig, signed: bool, x_rang
     return InputPlan(quantized=q, passes=tuple(passes), applied=applied, offset_code=offset_code)
 
 
+def input_error_terms(plan: InputPlan, w: np.ndarray, channel_of_row: np.ndarray,
+                      dist: ChannelDistribution | None = None,
+                      resid_corr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The output error ``Σ_k w_ck e_k`` as ``v_c·x + k_c`` (the regression part, deterministic
+    given x) plus an independent residual: returns ``(v (C_out, K), k (C_out,), E[resid²] (C_out,))``."""
+    q = plan.quantized
+    reg = q.anchored_error_regression(*q.atom(dist)) if dist is not None else q.error_regression()
+    beta = reg.beta[channel_of_row]
+    const = (reg.mean - reg.beta * q.x_mean)[channel_of_row]
+    resid = reg.resid_var[channel_of_row]
+    if resid_corr is not None:  # residual correlation between rows (identical / close rows)
+        r = w * np.sqrt(resid)
+        white = np.einsum("ck,ck->c", r @ resid_corr, r)
+    else:
+        white = (w * w) @ resid
+    return w * beta, w @ const, np.maximum(white, 0.0)
+
+
 def input_quantization_error(moment, plan: InputPlan, w: np.ndarray, channel_of_row: np.ndarray,
                              dist: ChannelDistribution | None = None,
                              resid_corr: np.ndarray | None = None) -> np.ndarray:
     """(C_out,) ``E[(Σ_k w_ck e_k)²]`` for the (quantized) weights ``w (C_out, K)``."""
-    q = plan.quantized
-    reg = q.anchored_error_regression(*q.atom(dist)) if dist is not None else q.error_regression()
-    x_mean = q.x_mean
-    beta = reg.beta[channel_of_row]
-    const = (reg.mean - reg.beta * x_mean)[channel_of_row]
-    resid = reg.resid_var[channel_of_row]
-    correlated = moment.affine_quad_form(w * beta, w @ const)
-    if resid_corr is not None:  # residual correlation between rows (identical / close rows)
-        v = w * np.sqrt(resid)
-        return np.maximum(correlated + np.einsum("ck,ck->c", v @ resid_corr, v), 0.0)
-    return np.maximum(correlated + (w * w) @ resid, 0.0)
+    v, k, white = input_error_terms(plan, w, channel_of_row, dist, resid_corr)
+    return np.maximum(moment.affine_quad_form(v, k) + white, 0.0)

@@ -19,7 +19,7 @@ the tile's correlation inflation, computed once per weight config from ``M``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,34 @@ from cimstat.stats import ChannelDistribution
 
 from .adc import adc_code_limits, conversion_error
 from .device_noise import DeviceNoise, device_noise
-from .input_quantization import InputPlan, input_plan, input_quantization_error
+from .coherent import CoherentSplit, split_coherent
+from .input_quantization import InputPlan, input_error_terms, input_plan
 from .moments import SecondMoment
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
 __all__ = ["LayerModel", "LayerEstimate", "estimate_layer"]
+
+CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64): ~4 GB for the default network
+_MISSING = object()
+
+
+def _nbytes(obj: Any, depth: int = 0) -> int:
+    """Approximate memory held by a cached value (arrays inside tuples, dicts, dataclasses)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes if obj.base is None else 0  # views share memory held elsewhere
+    if depth > 3:
+        return 0
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o, depth + 1) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o, depth + 1) for o in obj.values())
+    if hasattr(obj, "__dict__"):
+        return sum(_nbytes(o, depth + 1) for o in vars(obj).values())
+    return 0
+
+
+_H_CUT = 3.6  #: rounding correlation h(u) < 1e-30 beyond this u (see LayerModel.rounding_correlation)
 
 
 @dataclass
@@ -47,6 +69,9 @@ class LayerEstimate:
     signal: np.ndarray                         #: (C_out,) E[y_c²] of the float output
     white: dict[ErrorSource, np.ndarray]       #: (C_out,) per-read error variance (propagates by ratio)
     fixed: dict[ErrorSource, np.ndarray]       #: (C_out, K) per-weight error variance (weight units²)
+    #: deterministic part per source (:mod:`.coherent`): relative gain a_c and offset m_c (output units)
+    gain: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
+    offset: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
 
     @property
     def total(self) -> np.ndarray:
@@ -79,12 +104,14 @@ class LayerModel:
         self._moment: SecondMoment | None = None
         self._dist: ChannelDistribution | None = None
         self._cache: dict[tuple, Any] = {}
+        self._sizes: dict[tuple, int] = {}
 
     # ---- lazily built, config independent ------------------------------------------
     @property
     def moment(self) -> SecondMoment:
         if self._moment is None:
             self._moment = SecondMoment.from_layer_stats(self.stats)
+            self._moment.pin(self.weight)  # its projections are reused by every coherent split
         return self._moment
 
     @property
@@ -101,25 +128,47 @@ class LayerModel:
         if getattr(self.stats, "m_method", None) != "dense":
             return None
 
-        def build():
+        def spread():  # config independent: Var(x_k - x_k') and the pairs that are identical
             m = np.asarray(self.stats.m_dense, dtype=np.float64)
             d = np.asarray(self.stats.row_sq_mean, dtype=np.float64)
             mu = np.asarray(self.stats.row_mean, dtype=np.float64)
-            spread = np.maximum(d[:, None] + d[None, :] - 2 * m - (mu[:, None] - mu[None, :]) ** 2, 0.0)
-            u = spread / step ** 2
-            n = np.arange(1, 9)[:, None, None]
-            h = (6 / np.pi ** 2) * (np.exp(-2 * np.pi ** 2 * n ** 2 * np.minimum(u, 50.0)[None]) / n ** 2).sum(0)
-            h = np.where(spread <= 2e-3 * (d[:, None] + d[None, :]), 1.0, h)  # float32 noise of M
-            np.fill_diagonal(h, 1.0)
+            sp = np.maximum(d[:, None] + d[None, :] - 2 * m - (mu[:, None] - mu[None, :]) ** 2, 0.0)
+            same = sp <= 2e-3 * (d[:, None] + d[None, :])  # float32 noise of M
+            np.fill_diagonal(same, True)
+            return sp, same
+
+        def build():
+            sp, same = self.cached(("hspread",), spread)
+            u = sp / step ** 2
+            # h = (6/π²) Σ_{n=1..8} exp(-2π²n²u)/n², evaluated only where it is not negligible:
+            # for u > _H_CUT every term is below exp(-2π²·_H_CUT) < 1e-30 (relative to h = 1)
+            live = (u < _H_CUT) & ~same
+            h = np.zeros_like(u)
+            if live.any():
+                ul = u[live]
+                n = np.arange(1, 9)[:, None]
+                h[live] = (6 / np.pi ** 2) * (np.exp(-2 * np.pi ** 2 * n ** 2 * ul[None]) / n ** 2).sum(0)
+            h[same] = 1.0
             return h
         return self.cached(("hcorr", float(step)), build)
 
     def cached(self, key: tuple, build):
-        if key not in self._cache:
-            if len(self._cache) > 256:
-                self._cache.clear()
-            self._cache[key] = build()
-        return self._cache[key]
+        """The value of ``build()`` kept under ``key``; least recently used entries are dropped
+        once the cache holds more than ``CACHE_WEIGHT_ARRAYS`` arrays of the weight's size plus
+        four ``K x K`` tables, at least 64 MB (or 256 entries), so a long sweep's memory stays bounded."""
+        hit = self._cache.pop(key, _MISSING)
+        if hit is _MISSING:
+            hit = build()
+            self._sizes[key] = _nbytes(hit)
+        self._cache[key] = hit  # (re)inserted last: most recently used
+        k = self.weight.shape[1]
+        budget = max(CACHE_WEIGHT_ARRAYS * self.weight.nbytes + 4 * 8 * k * k, 64 << 20)  # + K x K tables
+        held = sum(self._sizes.get(k, 0) for k in self._cache)
+        while len(self._cache) > 1 and (len(self._cache) > 256 or held > budget):
+            old = next(iter(self._cache))
+            del self._cache[old]
+            held -= self._sizes.pop(old, 0)
+        return hit
 
     # ---- pieces keyed by the knobs they depend on ------------------------------------
     def weights(self, cfg: LayerConfig) -> WeightCodes:
@@ -142,7 +191,9 @@ class LayerModel:
     def noise(self, cfg: LayerConfig) -> DeviceNoise:
         key = ("dn", cfg.weight_bits, cfg.weight_scale, cfg.weight_encoding, cfg.weight_slices(),
                cfg.programming_error, cfg.programming_error_model, cfg.read_noise, cfg.read_noise_model)
-        return self.cached(key, lambda: device_noise(self.levels(cfg), cfg))
+        if cfg.weight_bits is None:
+            return self.cached(key, lambda: device_noise(self.levels(cfg), cfg))
+        return self.cached(key, lambda: device_noise(None, cfg, codes=self.weights(cfg).codes))
 
     def tiling(self, n_rows: int) -> "_Tiling":
         return self.cached(("tiles", n_rows), lambda: _Tiling(self.channel_of_row, n_rows))
@@ -185,8 +236,10 @@ def _conversions(levels: list[np.ndarray], cfg: LayerConfig) -> list[list[tuple[
 
 
 def _adc_error(model: LayerModel, cfg: LayerConfig, ranges, plan: InputPlan, levels: list[np.ndarray],
-               noise: DeviceNoise | None) -> tuple[np.ndarray, np.ndarray]:
-    """(quantization, thermal) ADC error per output channel, in code units² (× (ΔxΔw)² later)."""
+               noise: DeviceNoise | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ADC error per output channel in code units (× ΔxΔw later): the variances of its
+    quantization and thermal parts (code units²) and their means (mean over positions and
+    images, code units; the means are a constant offset of the channel)."""
     c_out, k = model.weight.shape
     n_rows = cfg.n_rows(k)
     tiling = model.tiling(n_rows)
@@ -266,11 +319,42 @@ def _adc_error(model: LayerModel, cfg: LayerConfig, ranges, plan: InputPlan, lev
                         m1, s1 = m1.reshape(mu.shape), s1.reshape(mu.shape)
                         var_t += weight ** 2 * (s1 - m1 ** 2).sum(1)
                         mean_t += sign * weight * m1.sum(1)
-    quant = var_q + mean_q ** 2
     if cfg.adc_bits is None:
-        return quant, var_t
-    total = var_t + mean_t ** 2 if sigma_th > 0 else quant
-    return quant, np.maximum(total - quant, 0.0)
+        return var_q, var_t, mean_q, np.zeros(c_out)
+    if sigma_th <= 0:
+        return var_q, np.zeros(c_out), mean_q, np.zeros(c_out)
+    return var_q, np.maximum(var_t - var_q, 0.0), mean_q, mean_t - mean_q
+
+
+def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: WeightCodes) -> dict:
+    """Programming error and read noise of one layer (see :mod:`.device_noise`)."""
+    ch = model.channel_of_row
+    dx, dw = plan.step, wq.step
+    scale2 = (dx * dw) ** 2
+    eu2 = plan.applied.sq_mean[ch]
+    prog = scale2 * (noise.var_prog @ eu2)
+    # Σ_passes Σ_j 4^{o_j} Var_r @ E[s_j²]: the per-row weights summed first, one product
+    e_read = np.zeros(model.weight.shape[1])
+    for p in plan.passes:
+        for off_in, st in zip(p.offsets, p.slices):
+            e_read += 4.0 ** off_in * st.sq_mean[ch]
+    read = scale2 * (noise.var_read @ e_read)
+    b = noise.bias
+    bias_const = dw * plan.offset_code * dx * b.sum(1)
+    vb = dw[:, None] * b
+    with model.moment.reuse():  # (dw·b) F once for the error and the split
+        bias_err = model.moment.affine_quad_form(vb, bias_const)
+        sp = split_coherent(model.moment, model.weight, vb, bias_const)
+    share = noise.bias_share_prog
+    # per-weight variances for propagation; the applied code's energy relative to x's
+    x_sq = np.maximum(model.moment.sq_mean, 1e-30)
+    energy = np.where(model.moment.sq_mean > 0, dx * dx * eu2 / x_sq, 0.0)
+    bias_w = sp.residual ** 2 * energy  # the bias beyond its per-channel gain and offset
+    return {"err_prog": prog + share * bias_err, "err_read": read + (1 - share) * bias_err, "read": read,
+            "fixed_prog": (dw[:, None] ** 2) * noise.var_prog * energy + share * bias_w,
+            "fixed_read": (1 - share) * bias_w,
+            "gain_prog": share * sp.gain, "off_prog": share * sp.offset,
+            "gain_read": (1 - share) * sp.gain, "off_read": (1 - share) * sp.offset}
 
 
 def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
@@ -281,6 +365,8 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
     error = {s: zeros.copy() for s in ErrorSource}
     white = {s: zeros.copy() for s in ErrorSource}
     fixed: dict[ErrorSource, np.ndarray] = {}
+    gain: dict[ErrorSource, np.ndarray] = {}
+    offset: dict[ErrorSource, np.ndarray] = {}
     has_noise = cfg.programming_error > 0 or cfg.read_noise > 0
     if cfg.input_bits is None and has_noise:
         raise EstimationError(f"layer {model.name}: programming_error/read_noise with input_bits=None (float inputs) "
@@ -292,7 +378,11 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
         wq = model.weights(cfg)
         w_eff = wq.dequantized
         error[ErrorSource.WEIGHT_QUANTIZATION] = model.weight_error(cfg)
-        fixed[ErrorSource.WEIGHT_QUANTIZATION] = wq.error ** 2
+        # rounding errors have no systematic gain: their per-channel projection on W is as
+        # random as the rest (splitting it off measured 2 dB worse at the logits), so all of dW
+        # goes by the per-weight sensitivities
+        fixed[ErrorSource.WEIGHT_QUANTIZATION] = model.cached(("wq_err2", cfg.weight_bits, cfg.weight_scale),
+                                                               lambda: wq.error ** 2)
     else:
         wq, w_eff = None, model.weight
 
@@ -305,47 +395,50 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
         plan = model.plan(cfg, bool(ranges.signed_input), float(ranges.input_range))
         key = ("iq", cfg.input_bits, float(ranges.input_range), bool(ranges.signed_input),
                cfg.weight_bits, cfg.weight_scale)
-        corr = model.rounding_correlation(plan.step)
-        e = model.cached(key, lambda: input_quantization_error(
-            model.moment, plan, w_eff, ch, model.dist, corr))
+
+        def build_iq():
+            corr = model.rounding_correlation(plan.step)
+            v, k_, resid = input_error_terms(plan, w_eff, ch, model.dist, corr)
+            with model.moment.reuse():  # v F once for the total and the split
+                total = np.maximum(model.moment.affine_quad_form(v, k_) + resid, 0.0)
+                sp = split_coherent(model.moment, model.weight, v, k_)
+            return total, resid, sp, sp.residual ** 2
+        e, resid, sp, res2 = model.cached(key, build_iq)
         error[ErrorSource.INPUT_QUANTIZATION] = e
-        white[ErrorSource.INPUT_QUANTIZATION] = e
+        white[ErrorSource.INPUT_QUANTIZATION] = resid
+        gain[ErrorSource.INPUT_QUANTIZATION], offset[ErrorSource.INPUT_QUANTIZATION] = sp.gain, sp.offset
+        fixed[ErrorSource.INPUT_QUANTIZATION] = res2
 
     # devices
     noise = None
     if has_noise:
         noise = model.noise(cfg)
-        dx, dw = plan.step, wq.step
-        scale2 = (dx * dw) ** 2
-        eu2 = plan.applied.sq_mean[ch]
-        prog = scale2 * (noise.var_prog @ eu2)
-        read = np.zeros(c_out)
-        for p in plan.passes:
-            for off_in, st in zip(p.offsets, p.slices):
-                read += 4.0 ** off_in * (noise.var_read @ st.sq_mean[ch])
-        read *= scale2
-        b = noise.bias
-        bias_err = dw ** 2 * model.moment.affine_quad_form(b, plan.offset_code * dx * b.sum(1))
-        share = noise.bias_share_prog
-        error[ErrorSource.PROGRAMMING_ERROR] = prog + share * bias_err
-        error[ErrorSource.READ_NOISE] = read + (1 - share) * bias_err
-        white[ErrorSource.READ_NOISE] = read
-        # per-weight variances for propagation; the applied code's energy relative to x's
-        x_sq = np.maximum(model.moment.sq_mean, 1e-30)
-        energy = np.where(model.moment.sq_mean > 0, dx * dx * eu2 / x_sq, 0.0)
-        bias_w = (dw[:, None] * b) ** 2 * energy
-        fixed[ErrorSource.PROGRAMMING_ERROR] = (dw[:, None] ** 2) * noise.var_prog * energy + share * bias_w
-        fixed[ErrorSource.READ_NOISE] = (1 - share) * bias_w
+        key = ("dev", cfg.weight_bits, cfg.weight_scale, cfg.weight_encoding, cfg.weight_slices(),
+               cfg.programming_error, cfg.programming_error_model, cfg.read_noise, cfg.read_noise_model,
+               cfg.input_bits, float(ranges.input_range), bool(ranges.signed_input),
+               cfg.signed_input_encoding if ranges.signed_input else None, cfg.input_slices(bool(ranges.signed_input)))
+        dev = model.cached(key, lambda: _device_terms(model, noise, plan, wq))
+        error[ErrorSource.PROGRAMMING_ERROR] = dev["err_prog"]
+        error[ErrorSource.READ_NOISE] = dev["err_read"]
+        white[ErrorSource.READ_NOISE] = dev["read"]
+        fixed[ErrorSource.PROGRAMMING_ERROR] = dev["fixed_prog"]
+        fixed[ErrorSource.READ_NOISE] = dev["fixed_read"]
+        gain[ErrorSource.PROGRAMMING_ERROR], offset[ErrorSource.PROGRAMMING_ERROR] = dev["gain_prog"], dev["off_prog"]
+        gain[ErrorSource.READ_NOISE], offset[ErrorSource.READ_NOISE] = dev["gain_read"], dev["off_read"]
 
     # ADC
     if cfg.adc_bits is not None or cfg.adc_thermal_noise_lsb > 0:
         if plan is None or wq is None:
             raise EstimationError(f"layer {model.name}: adc_bits/adc_thermal_noise_lsb need quantized inputs "
                                   "and weights")
-        quant, thermal = _adc_error(model, cfg, ranges, plan, model.levels(cfg), noise)
-        scale2 = (plan.step * wq.step) ** 2
-        error[ErrorSource.ADC_QUANTIZATION] = scale2 * quant
-        error[ErrorSource.ADC_THERMAL_NOISE] = scale2 * thermal
-        white[ErrorSource.ADC_QUANTIZATION] = scale2 * quant
-        white[ErrorSource.ADC_THERMAL_NOISE] = scale2 * thermal
-    return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed)
+        var_q, var_t, mean_q, mean_t = _adc_error(model, cfg, ranges, plan, model.levels(cfg), noise)
+        scale = plan.step * wq.step
+        error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * (var_q + mean_q ** 2)
+        error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * np.maximum(
+            var_t + (mean_q + mean_t) ** 2 - mean_q ** 2, 0.0)
+        white[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * var_q
+        white[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * var_t
+        offset[ErrorSource.ADC_QUANTIZATION] = scale * mean_q
+        offset[ErrorSource.ADC_THERMAL_NOISE] = scale * mean_t
+    return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
+                         gain=gain, offset=offset)

@@ -4,8 +4,21 @@
 stored; a dense ``M`` is factored exactly (``r = K``) when small and compressed to its top
 ``r`` eigenpairs plus the exact residual diagonal when large. Quadratic forms over the whole
 dot product or per row tile then cost ``O(N·K·r)``.
+
+Speed: the factorisation of a dense ``M`` is config independent; it is kept on disk
+(``<repo>/.cache/engine_moments``, keyed by a hash of ``M`` and the row moments, written
+atomically) so a new process does not redo the eigendecomposition. The projections ``v F``
+that several forms share (``quad_form``, ``cross_form``, ``affine_quad_form``, ``variance`` of
+the same ``v``) are computed once inside a :meth:`SecondMoment.reuse` block, and those of a
+:meth:`SecondMoment.pin`-ned array (the layer's float weights) once for good.
 """
 from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +26,59 @@ __all__ = ["SecondMoment", "MAX_EXACT_K", "DEFAULT_RANK"]
 
 MAX_EXACT_K = 640     #: dense M up to this K is factored without loss
 DEFAULT_RANK = 96     #: eigenpairs kept when a large dense M is compressed
+_CACHE_VERSION = b"moments-v1"
+
+
+def _cache_dir() -> Path | None:
+    env = os.environ.get("CIMSTAT_MOMENT_CACHE")
+    if env is not None:
+        return Path(env) if env else None  # empty: no disk cache
+    return Path(__file__).resolve().parent.parent.parent / ".cache" / "engine_moments"
+
+
+def _dense_factor(m32: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(F, D)`` of a dense ``M`` (see the module doc): eigendecomposition, cached on disk."""
+    m = np.asarray(m32, dtype=np.float64)
+    k = m.shape[0]
+    exact = k <= MAX_EXACT_K or rank >= k
+    folder = _cache_dir()
+    path = None
+    if folder is not None:
+        h = hashlib.blake2b(_CACHE_VERSION, digest_size=20)
+        h.update(str((m32.dtype.str, m32.shape, int(rank), bool(exact), MAX_EXACT_K)).encode())
+        h.update(np.ascontiguousarray(m32).tobytes())
+        path = folder / f"{h.hexdigest()}.npz"
+        try:
+            with np.load(path) as z:
+                f, d = z["factor"], z["diag"]
+            if f.shape[0] == k and d.shape == (k,):
+                return f, d
+        except (OSError, KeyError, ValueError, EOFError):
+            pass
+    m = (m + m.T) / 2
+    vals, vecs = np.linalg.eigh(m)
+    vals = np.maximum(vals, 0.0)
+    if exact:
+        f, d = vecs * np.sqrt(vals), np.zeros(k)
+    else:
+        top = np.argsort(vals)[::-1][:rank]
+        f = vecs[:, top] * np.sqrt(vals[top])
+        d = np.maximum(np.diag(m) - (f * f).sum(1), 0.0)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    np.savez(fh, factor=f, diag=d)
+                os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError:
+            pass  # a read-only checkout: compute every time
+    return f, d
 
 
 class SecondMoment:
@@ -24,22 +90,16 @@ class SecondMoment:
         self.mean = np.asarray(mean, dtype=np.float64)       #: (K,) E[x_k]
         self.sq_mean = np.asarray(sq_mean, dtype=np.float64)  #: (K,) E[x_k²]
         self.var = np.maximum(self.sq_mean - self.mean ** 2, 0.0)
+        self._has_diag = bool(np.any(self.diag))
+        self._pinned: list[tuple[np.ndarray, dict]] = []   # (array, {"proj", "quad", "mean"})
+        self._memo: list[tuple[np.ndarray, dict]] | None = None
 
     @classmethod
     def from_layer_stats(cls, stats, rank: int = DEFAULT_RANK) -> "SecondMoment":
         """From :class:`cimstat.probes.LayerStats` (dense or ``eig+diag``)."""
         if stats.m_method == "dense":
-            m = np.asarray(stats.m_dense, dtype=np.float64)
-            m = (m + m.T) / 2
-            k = m.shape[0]
-            vals, vecs = np.linalg.eigh(m)
-            vals = np.maximum(vals, 0.0)
-            if k <= MAX_EXACT_K or rank >= k:
-                return cls(vecs * np.sqrt(vals), np.zeros(k), stats.row_mean, stats.row_sq_mean)
-            top = np.argsort(vals)[::-1][:rank]
-            f = vecs[:, top] * np.sqrt(vals[top])
-            resid = np.maximum(np.diag(m) - (f * f).sum(1), 0.0)
-            return cls(f, resid, stats.row_mean, stats.row_sq_mean)
+            f, d = _dense_factor(np.asarray(stats.m_dense), rank)
+            return cls(f, d, stats.row_mean, stats.row_sq_mean)
         v = np.asarray(stats.m_eigvecs, dtype=np.float64)
         lam = np.maximum(np.asarray(stats.m_eigvals, dtype=np.float64), 0.0)
         return cls(v * np.sqrt(lam), stats.m_resid_diag, stats.row_mean, stats.row_sq_mean)
@@ -48,18 +108,81 @@ class SecondMoment:
     def fan_in(self) -> int:
         return int(self.diag.shape[0])
 
+    # ---- memoised pieces ------------------------------------------------------------
+    def pin(self, v: np.ndarray) -> None:
+        """Keep the projections of ``v`` for good (``v`` must never be modified in place)."""
+        if not any(a is v for a, _ in self._pinned):
+            self._pinned.append((v, {}))
+
+    @contextlib.contextmanager
+    def reuse(self):
+        """Inside the block, forms of the same array object share its projection ``v F``
+        (the arrays must not be modified in place inside the block)."""
+        outer = self._memo
+        if outer is None:
+            self._memo = []
+        try:
+            yield self
+        finally:
+            if outer is None:
+                self._memo = None
+
+    def _slot(self, v: np.ndarray) -> dict | None:
+        for a, d in self._pinned:
+            if a is v:
+                return d
+        if self._memo is not None:
+            for a, d in self._memo:
+                if a is v:
+                    return d
+            d = {}
+            self._memo.append((v, d))
+            return d
+        return None
+
+    def project(self, v: np.ndarray) -> np.ndarray:
+        """``v F``."""
+        slot = self._slot(v)
+        if slot is None:
+            return v @ self.factor
+        if "proj" not in slot:
+            slot["proj"] = v @ self.factor
+        return slot["proj"]
+
+    def _vmean(self, v: np.ndarray) -> np.ndarray:
+        slot = self._slot(v)
+        if slot is None:
+            return v @ self.mean
+        if "mean" not in slot:
+            slot["mean"] = v @ self.mean
+        return slot["mean"]
+
+    def _diag_term(self, u: np.ndarray, v: np.ndarray) -> np.ndarray | float:
+        return (u * v) @ self.diag if self._has_diag else 0.0
+
+    # ---- forms --------------------------------------------------------------------
     def quad_form(self, v: np.ndarray) -> np.ndarray:
         """``E[(v_c · x)²]`` for ``v (..., K)`` -> ``(...)``."""
-        proj = v @ self.factor
-        return (proj * proj).sum(-1) + (v * v) @ self.diag
+        slot = self._slot(v)
+        if slot is not None and "quad" in slot:
+            return slot["quad"]
+        proj = self.project(v)
+        out = (proj * proj).sum(-1) + self._diag_term(v, v)
+        if slot is not None:
+            slot["quad"] = out
+        return out
+
+    def cross_form(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``E[(u_c · x)(v_c · x)]`` row by row for ``u, v (..., K)`` -> ``(...)``."""
+        return (self.project(u) * self.project(v)).sum(-1) + self._diag_term(u, v)
 
     def affine_quad_form(self, v: np.ndarray, const: np.ndarray | float) -> np.ndarray:
         """``E[(v · x + const)²] = vMv + 2·const·(v·μ) + const²``."""
-        return self.quad_form(v) + 2 * const * (v @ self.mean) + np.square(const)
+        return self.quad_form(v) + 2 * const * self._vmean(v) + np.square(const)
 
     def variance(self, v: np.ndarray) -> np.ndarray:
         """``Var(v · x)``."""
-        return np.maximum(self.quad_form(v) - (v @ self.mean) ** 2, 0.0)
+        return np.maximum(self.quad_form(v) - self._vmean(v) ** 2, 0.0)
 
     def tile_variance(self, v: np.ndarray, n_rows: int) -> np.ndarray:
         """``Var(Σ_{k in tile t} v_k x_k)`` for every tile of ``n_rows`` rows: ``v (N, K)`` -> ``(N, T)``."""
@@ -69,7 +192,9 @@ class SecondMoment:
         vp = np.pad(v, ((0, 0), (0, pad))).reshape(n, t, n_rows)
         fp = np.pad(self.factor, ((0, pad), (0, 0))).reshape(t, n_rows, -1)
         proj = np.einsum("ntk,tkr->ntr", vp, fp, optimize=True)
-        diag = np.pad(self.diag, (0, pad)).reshape(t, n_rows)
-        quad = (proj * proj).sum(-1) + np.einsum("ntk,tk->nt", vp * vp, diag)
+        quad = (proj * proj).sum(-1)
+        if self._has_diag:
+            diag = np.pad(self.diag, (0, pad)).reshape(t, n_rows)
+            quad = quad + np.einsum("ntk,tk->nt", vp * vp, diag)
         mean = np.einsum("ntk,tk->nt", vp, np.pad(self.mean, (0, pad)).reshape(t, n_rows))
         return np.maximum(quad - mean ** 2, 0.0)

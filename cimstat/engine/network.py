@@ -7,10 +7,19 @@ independent, contributions add):
   logit ``j`` gains ``Σ_c err_c · ratio[c, j]`` (``NoiseProp.ratio``);
 * fixed weight errors (weight quantization, programming error, clipping bias): shared by all
   positions; logit noise energy ``Σ_{c,k} s²_ck S_ck`` (``NoiseProp.weight_sens``), spread over
-  the classes in proportion to ``weight_sens_class[c]``.
+  the classes in proportion to ``weight_sens_class[c]``; the weight rounding of layers whose
+  per-sample weight gradients were probed (``weight_grad``) is instead one exact deterministic
+  logit shift per image, ``δz_nd = Σ_ck dW_ck ∂z_d/∂W_ck``.
+
+* deterministic errors (:mod:`.coherent`): a relative gain ``a_c`` and offset ``m_c`` per channel
+  move the logits of probe image ``n`` by ``δz_n = Σ_layers Σ_c a_c·gain_jac[n,c] + m_c·offset_jac[n,c]``
+  (amplitudes add over layers and sources); they add ``E_n[δz_nj²]`` to logit ``j``'s error
+  energy, attributed to source ``s`` as ``E_n[δz^s_nj·δz_nj]``.
 
 ``fc SNR = Σ_n Σ_j z_nj² / (N · Σ_j σ_j²)`` over the probe images' clean logits ``z``; top-1
-by Gauss–Hermite quadrature (:mod:`cimstat.accuracy`).
+by Gauss–Hermite quadrature (:mod:`cimstat.accuracy`) with the random variances, corrected by
+the change the per-image shifts ``δz_n`` make on the images that carry them (the first
+``gain_jac.shape[0]`` probe images): ``top1 = A(all) + A_shifted(coh) - A(coh)``.
 """
 from __future__ import annotations
 
@@ -123,6 +132,12 @@ class Engine:
         self.logit_signal = float((self.logits ** 2).sum(1).mean())
         self.top1_clean = float((self.logits.argmax(1) == self.labels).mean())
         self._prop: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._coherent: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._grad: dict[str, np.ndarray] = {}   # (N_coh, D, C_out·K) per-sample weight gradients, small layers
+        # per coherent image: how much more (or less) than average each layer's white / fixed
+        # errors reach each logit direction (N, D), mean 1 over the images
+        self._image_weight: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.coherent_per_class = False
         noise_prop = probes.noise_prop
         if noise_prop is not None:
             for n in self.layers:
@@ -133,6 +148,22 @@ class Engine:
                 share = cls / np.maximum(cls.sum(1, keepdims=True), 1e-300)
                 self._prop[n] = (np.asarray(lp.ratio, dtype=np.float64), np.asarray(lp.weight_sens, dtype=np.float64),
                                  share)
+                if lp.weight_grad is not None:
+                    g = np.asarray(lp.weight_grad, dtype=np.float64)
+                    self._grad[n] = g.reshape(g.shape[0], g.shape[1], -1)
+                if lp.gain_jac is not None:
+                    self._coherent[n] = (np.asarray(lp.gain_jac, dtype=np.float64),
+                                         np.asarray(lp.offset_jac, dtype=np.float64))
+                    self._image_weight[n] = (_relative(lp.ratio_image), _relative(lp.sens_image))
+            if self._coherent and len(self._coherent) != len(self.layers):
+                raise EstimationError("noise_prop.pkl has coherent-error Jacobians for only some layers; re-run probing")
+            if self._coherent:
+                n_coh, _, n_dir = next(iter(self._coherent.values()))[0].shape
+                if n_coh > len(self.logits):
+                    raise EstimationError(f"noise_prop.pkl has coherent-error Jacobians of {n_coh} images but the "
+                                          f"activation statistics only {len(self.logits)}")
+                self.coherent_per_class = (noise_prop.meta.get("coherent_directions") == "classes"
+                                           and n_dir == self.logits.shape[1])
 
     def resolve(self, config: HardwareConfig) -> dict[str, ResolvedLayer]:
         from cimstat.calibrate import resolve
@@ -152,24 +183,110 @@ class Engine:
         logit = {s: np.zeros(n_classes) for s in ErrorSource}
         layers: dict[str, LayerEstimate] = {}
         per_layer: dict[str, float] = {}
+        shifts: dict[ErrorSource, np.ndarray] = {}        # (N_coh, D) logit shift per source
+        layer_shift: dict[str, np.ndarray] = {}
+        image_var = 0.0                                   # (N_coh, n_classes) random variance per image
         for name, lm in self.layers.items():
             if name not in resolved:
                 raise EstimationError(f"resolved ranges have no entry for layer {name!r}")
             le = estimate_layer(lm, resolved[name])
             layers[name] = le
             ratio, sens, share = self._prop[name]
-            before = float(sum(v.sum() for v in logit.values()))
+            white_l = np.zeros(n_classes)
+            fixed_l = np.zeros(n_classes)
             for s, v in le.white.items():
                 if np.any(v):
-                    logit[s] += v @ ratio
+                    add = v @ ratio
+                    logit[s] += add
+                    white_l += add
             for s, v in le.fixed.items():
-                logit[s] += (v * sens).sum(1) @ share
-            per_layer[name] = float(sum(v.sum() for v in logit.values())) - before
-        total = sum(logit.values())
-        acc = predicted_top1(self.logits, self.labels, total)
+                if s is ErrorSource.WEIGHT_QUANTIZATION and name in self._grad:
+                    # one draw of rounding errors, propagated exactly per image (a deterministic shift)
+                    dw = lm.weights(resolved[name].config).error.ravel()
+                    d = self._grad[name] @ dw
+                    shifts[s] = shifts.get(s, 0.0) + d
+                    layer_shift[name] = layer_shift.get(name, 0.0) + d
+                    continue
+                add = (v * sens).sum(1) @ share
+                logit[s] += add
+                fixed_l += add
+            per_layer[name] = float(white_l.sum() + fixed_l.sum())
+            if name in self._image_weight:
+                rw, rf = self._image_weight[name]
+                if not self.coherent_per_class:  # projections: one scale per image for all classes
+                    rw, rf = rw.mean(1, keepdims=True), rf.mean(1, keepdims=True)
+                image_var = image_var + white_l * rw + fixed_l * rf
+            self._add_shifts(name, le, logit, shifts, layer_shift)
+        random_var = sum(logit.values())
+        total_shift = sum(shifts.values()) if shifts else None
+        if total_shift is not None:
+            energy = self._shift_energy  # per class, attributed to each source / layer
+            for s, v in shifts.items():
+                logit[s] = logit[s] + energy(v, total_shift)
+            for name, v in layer_shift.items():
+                per_layer[name] += float(energy(v, total_shift).sum())
+        acc = self._top1(random_var, total_shift, image_var if self._image_weight else None)
         return Estimate(config_name=config.name, layers=layers, logit_noise=logit, logit_signal=self.logit_signal,
                         top1=acc, top1_clean=self.top1_clean, seconds=time.perf_counter() - start,
                         layer_logit_noise=per_layer)
+
+
+    def _add_shifts(self, name: str, le: LayerEstimate, logit: dict, shifts: dict, layer_shift: dict) -> None:
+        """Accumulate the per-image logit shifts of the layer's deterministic errors."""
+        if not (le.gain or le.offset):
+            return
+        if name not in self._coherent:  # probes without coherent Jacobians: incoherent routes, energy only
+            ratio, sens, share = self._prop[name]
+            w2 = self.layers[name].weight ** 2
+            for s, m in le.offset.items():
+                logit[s] += (m * m) @ ratio
+            for s, a in le.gain.items():
+                logit[s] += ((a * a)[:, None] * w2 * sens).sum(1) @ share
+            return
+        g_jac, o_jac = self._coherent[name]
+        here = None
+        for s in set(le.gain) | set(le.offset):
+            d = np.zeros(g_jac.shape[::2])
+            if s in le.gain and np.any(le.gain[s]):
+                d += np.einsum("ncd,c->nd", g_jac, le.gain[s])
+            if s in le.offset and np.any(le.offset[s]):
+                d += np.einsum("ncd,c->nd", o_jac, le.offset[s])
+            shifts[s] = shifts.get(s, 0.0) + d
+            here = d if here is None else here + d
+        if here is not None:
+            layer_shift[name] = layer_shift.get(name, 0.0) + here
+
+    def _shift_energy(self, part: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """(n_classes,) ``E_n[part_nj · total_nj]``: the share of the coherent energy due to ``part``."""
+        e = (part * total).mean(0)
+        n_classes = self.logits.shape[1]
+        if self.coherent_per_class:
+            return e
+        # random ±1 projections u_d: E_d[(u_d·δz)²] = Σ_j δz_j², spread uniformly over the classes
+        return np.full(n_classes, float(e.mean()) / n_classes)
+
+    def _top1(self, random_var: np.ndarray, shift: np.ndarray | None, image_var: np.ndarray | None) -> float:
+        """Top-1 over all probe images with the class-average variances, corrected on the images
+        that carry per-image data (their own variances and logit shifts) by the change it makes."""
+        if shift is not None and not self.coherent_per_class:  # projections: the shift's energy counts as noise
+            random_var = random_var + self._shift_energy(shift, shift)
+            shift = None
+        acc = predicted_top1(self.logits, self.labels, random_var)
+        if shift is None and image_var is None:
+            return acc
+        n = (shift if shift is not None else image_var).shape[0]
+        z, y = self.logits[:n], self.labels[:n]
+        var_n = image_var if image_var is not None else random_var
+        z_n = z + shift if shift is not None else z
+        delta = predicted_top1(z_n, y, var_n) - predicted_top1(z, y, random_var)
+        return float(np.clip(acc + delta, 0.0, 1.0))
+
+
+def _relative(per_image: np.ndarray) -> np.ndarray:
+    """(N, D) per-image values divided by their mean over the images (1 where the mean is 0)."""
+    v = np.asarray(per_image, dtype=np.float64)
+    mean = v.mean(0, keepdims=True)
+    return np.where(mean > 0, v / np.where(mean > 0, mean, 1.0), 1.0)
 
 
 _ENGINES: dict[int, tuple[weakref.ref, Engine]] = {}

@@ -1,0 +1,58 @@
+"""Deterministic layer errors split into a per-channel gain, a per-channel offset and the rest.
+
+Some errors are fixed linear functions of the layer input, the same for every image and
+position: the clipping bias of off devices (``E[max(0, g + e)] > g``), the part of input
+rounding/clipping error that regresses on ``x``, weight rounding, ADC mean errors. Written as
+``e_c = v_c·x + k_c`` (``v (C_out, K)``, ``k (C_out,)``), least squares over the probed input
+distribution splits each output channel into
+
+``e_c = a_c·y_c + m_c + r_c``,  ``y_c = W_c·x`` (the float output without bias),
+``a_c = Cov(v_c·x, y_c) / Var(y_c)``,  ``m_c = E[e_c] - a_c·E[y_c]``,
+
+with ``r_c`` uncorrelated with ``y_c`` and of zero mean. The gain ``a`` and offset ``m`` are
+propagated to the logits per image through ``gain_jac``/``offset_jac`` (:mod:`cimstat.noise_propagation`):
+they add as amplitudes over layers and sources. The remainder ``r_c = (v_c - a_c W_c)·x - E[·]``
+is left to the incoherent routes (per-weight sensitivities for fixed errors).
+
+Why it matters (measured on the default model, state-independent read noise 1 %): the off-device
+bias shrinks every layer's weights by a few percent; perturbing all layers at once moves the
+logits 4x (6 dB) more in energy than the sum of the layers perturbed one at a time, and the
+per-channel gain captures all but 1 % of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .moments import SecondMoment
+
+__all__ = ["CoherentSplit", "split_coherent"]
+
+
+@dataclass(frozen=True)
+class CoherentSplit:
+    """One deterministic error ``e_c = v_c·x + k_c`` of a layer, split per output channel."""
+
+    gain: np.ndarray       #: (C_out,) a_c, relative (dimensionless)
+    offset: np.ndarray     #: (C_out,) m_c, output units
+    coherent_sq: np.ndarray  #: (C_out,) E[(a_c y_c + m_c)²], output units²
+    residual: np.ndarray   #: (C_out, K) v - a W: the per-weight remainder (weight units)
+    residual_sq: np.ndarray  #: (C_out,) E[r_c²] = Var((v_c - a_c W_c)·x), output units²
+
+
+def split_coherent(moment: SecondMoment, w: np.ndarray, v: np.ndarray,
+                   k: np.ndarray | float = 0.0) -> CoherentSplit:
+    """Split ``e_c = v_c·x + k_c`` against the layer's float weights ``w (C_out, K)`` (see module doc)."""
+    mu = moment.mean
+    ey = w @ mu
+    ev = v @ mu
+    var_y = np.maximum(moment.quad_form(w) - ey * ey, 0.0)
+    cov = moment.cross_form(v, w) - ev * ey
+    a = np.where(var_y > 0, cov / np.where(var_y > 0, var_y, 1.0), 0.0)
+    m = ev + k - a * ey
+    coherent_sq = a * a * (var_y + ey * ey) + 2 * a * m * ey + m * m
+    r = v - a[:, None] * w
+    var_r = np.maximum(moment.variance(r), 0.0)
+    return CoherentSplit(gain=a, offset=np.broadcast_to(m, a.shape).astype(np.float64),
+                         coherent_sq=np.maximum(coherent_sq, 0.0), residual=r, residual_sq=var_r)
