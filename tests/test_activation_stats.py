@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cimstat.activation_stats import ProbeSettings, probe_activations
-from cimstat.network import analog_layers
+from test_probing_tiny import _direct_patches
 
 
 class BranchNet(nn.Module):
@@ -46,25 +45,11 @@ def _net_and_images() -> tuple[nn.Module, torch.Tensor]:
 
 
 def _direct(net: nn.Module, images: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    specs = analog_layers(net, images[:1])
-    mods = dict(net.named_modules())
-    seen = {}
-    hooks = [mods[s.name].register_forward_hook(
-        lambda m, i, o, s=s: seen.__setitem__(s.name, (i[0].clone(), o.clone()))) for s in specs]
-    with torch.no_grad():
-        net(images)
-    for h in hooks:
-        h.remove()
+    """Per layer: im2col patches (N*L, K) and the float output as (C_out, N*L), as numpy."""
     out = {}
-    for s in specs:
-        x, y = seen[s.name]
-        if s.kind == "conv":
-            cols = F.unfold(x, s.kernel_size, dilation=s.dilation, padding=s.padding, stride=s.stride)
-            cols = cols.transpose(1, 2).reshape(-1, s.fan_in)
-            yc = y.transpose(0, 1).reshape(y.shape[1], -1)
-        else:
-            cols, yc = x.reshape(x.shape[0], -1), y.T
-        out[s.name] = (cols.double().numpy(), yc.double().numpy())
+    for name, (cols, y) in _direct_patches(net, images).items():
+        yc = y.transpose(0, 1).reshape(y.shape[1], -1) if y.ndim == 4 else y.T
+        out[name] = (cols.numpy(), yc.numpy())
     return out
 
 
