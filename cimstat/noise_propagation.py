@@ -31,7 +31,7 @@ A fixed perturbation ``dW`` is one draw, not an average: it moves logit directio
 downsample) keep these per-sample weight gradients (``weight_grad``), so one draw of rounding
 errors is propagated exactly, cross-channel cancellations included: for conv1 of the default
 model at 6 weight bits the per-weight route ``Σ dW² S`` over-predicts the logit energy 1.9x and
-a per-channel Gram 2.6x (errors of different channels cancel downstream).
+a per-channel Gram 2.5-2.7x (errors of different channels cancel downstream).
 ``injection`` (the slow reference for ``ratio``): Gaussian noise added to one channel at a
 time at every position, logit variance divided by σ².
 """

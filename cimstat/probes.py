@@ -515,30 +515,28 @@ DEFAULT_STAT_IMAGES = 1000   #: the whole default probe split
 DEFAULT_NOISE_IMAGES = 64
 
 
-def _stats_fresh(directory: Path, fingerprint: str, n_stat: int, seed: int) -> bool:
+def _fresh_stats(directory: Path, fingerprint: str, n_stat: int, seed: int) -> ActivationStats | None:
+    """The folder's activation statistics if they are readable and made with these settings, else None."""
     from cimstat.data import info
 
     try:
         stats = read_stats(directory / STAT_FILE)
         check_fingerprint(stats.meta, fingerprint, directory)
     except ProbeFileError:
-        return False
+        return None
     s = stats.meta
-    return (s.get("dataset_description") == info("default").description  # same split and image order
-            and s["n_images"] == n_stat and s["seed"] == seed)
+    fresh = (s.get("dataset_description") == info("default").description  # same split and image order
+             and s["n_images"] == n_stat and s["seed"] == seed)
+    return stats if fresh else None
 
 
-def _noise_fresh(directory: Path, fingerprint: str, n_noise: int) -> bool:
+def _noise_fresh(directory: Path, stats: ActivationStats, n_noise: int) -> bool:
     try:
-        probes = load_probes(directory, fingerprint, require_noise_prop=True)
+        n = read_noise_prop(directory / NOISE_PROP_FILE, stats).meta
     except ProbeFileError:
         return False
-    n = probes.noise_prop.meta  # type: ignore[union-attr]
-    return n["n_images"] == n_noise and n.get("method") == "jacobian"
-
-
-def _probes_fresh(directory: Path, fingerprint: str, n_stat: int, n_noise: int, seed: int) -> bool:
-    return _stats_fresh(directory, fingerprint, n_stat, seed) and _noise_fresh(directory, fingerprint, n_noise)
+    return (n["fingerprint"] == stats.meta["fingerprint"] and n["n_images"] == n_noise
+            and n.get("method") == "jacobian")
 
 
 def ensure_default_probes(directory: str | Path | None = None, *, n_stat_images: int = DEFAULT_STAT_IMAGES,
@@ -561,15 +559,15 @@ def ensure_default_probes(directory: str | Path | None = None, *, n_stat_images:
     directory.mkdir(parents=True, exist_ok=True)
     model = load("default")
     fp = weights_fingerprint(model)
-    if _probes_fresh(directory, fp, n_stat_images, n_noise_images, seed):
+    stats = _fresh_stats(directory, fp, n_stat_images, seed)
+    if stats is not None and _noise_fresh(directory, stats, n_noise_images):
         return directory
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _probes_fresh(directory, fp, n_stat_images, n_noise_images, seed):
+        stats = _fresh_stats(directory, fp, n_stat_images, seed)  # another process may have probed meanwhile
+        if stats is not None and _noise_fresh(directory, stats, n_noise_images):
             return directory
-        if _stats_fresh(directory, fp, n_stat_images, seed):  # only noise_prop.pkl is stale
-            stats = read_stats(directory / STAT_FILE)
-        else:
+        if stats is None:  # otherwise only noise_prop.pkl is stale
             stats = probe_model(model, "default", "default", n_images=n_stat_images, seed=seed,
                                 batch_size=batch_size, progress=progress)
             write_stats(stats, directory / STAT_FILE)

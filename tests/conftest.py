@@ -35,3 +35,23 @@ def default_probes(default_probes_dir):
     from cimstat.probes import load_probes
 
     return load_probes(default_probes_dir, require_noise_prop=True)
+
+
+def kill_after_journal(proc, root: Path, pattern: str, min_lines: int, timeout_s: float) -> Path:
+    """SIGKILL ``proc`` as soon as a journal matching ``root.glob(pattern)`` holds ``min_lines``
+    lines; returns the journal (fails the test, with the process's stderr, when none appears)."""
+    import signal
+    import time
+
+    journal = None
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        found = list(root.glob(pattern))
+        if found and found[0].read_text().count("\n") >= min_lines:
+            journal = found[0]
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert journal is not None, proc.stderr.read().decode()[-3000:]
+    return journal

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from cimstat.sweeps.rundir import MARKER
+from conftest import kill_after_journal
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweeps" / "conv1_weight_bits.py"
@@ -67,17 +66,7 @@ def test_validate_killed_midway_resumes_exactly_once(tmp_path, probe_dir):
             "--n-images", "16", "--instances", "1", "--batch-size", "16", "--no-mc-cache", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    journal = None
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "conv1_weight_bits").glob("*/validation.jsonl"))
-        if found and found[0].read_text().count("\n") >= 1:
-            journal = found[0]
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert journal is not None, proc.stderr.read().decode()[-3000:]
+    journal = kill_after_journal(proc, tmp_path / "conv1_weight_bits", "*/validation.jsonl", 1, 240)
     run_dir = journal.parent
     n_killed = journal.read_text().count("\n")
     assert (run_dir / MARKER).exists() and 1 <= n_killed <= 3

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from cimstat.sweeps.rundir import MARKER, RunDir
 from cimstat.sweeps.runner import prepare_run_dir, run_combinations
 from cimstat.sweeps.spec import build_sweep
 from cimstat.sweeps.subset import subset_mask
+from conftest import kill_after_journal
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,17 +237,7 @@ def test_killed_run_resumes_with_every_combination_exactly_once(tmp_path, jobs):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), str(jobs), "new", str(pid_dir)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
-    journal = None
-    while time.time() < deadline:
-        found = list((tmp_path / "out" / "grid").glob("*/summary.jsonl"))
-        if found and len(found[0].read_text().splitlines()) >= 4:
-            journal = found[0]
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert journal is not None, proc.stderr.read().decode()[-2000:]
+    journal = kill_after_journal(proc, tmp_path / "out" / "grid", "*/summary.jsonl", 4, 90)
     run_path = journal.parent
     assert (run_path / MARKER).exists()
     n_before = len(journal.read_text().splitlines())

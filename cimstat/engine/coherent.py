@@ -40,6 +40,11 @@ class CoherentSplit:
     residual: np.ndarray   #: (C_out, K) v - a W: the per-weight remainder (weight units)
     residual_sq: np.ndarray  #: (C_out,) E[r_c²] = Var((v_c - a_c W_c)·x), output units²
 
+    @property
+    def energy(self) -> np.ndarray:
+        """(C_out,) ``E[e_c²] = E[(a_c y_c + m_c)²] + E[r_c²]`` (the parts are uncorrelated)."""
+        return self.coherent_sq + self.residual_sq
+
 
 def split_coherent(moment: SecondMoment, w: np.ndarray, v: np.ndarray,
                    k: np.ndarray | float = 0.0) -> CoherentSplit:
@@ -54,5 +59,5 @@ def split_coherent(moment: SecondMoment, w: np.ndarray, v: np.ndarray,
     coherent_sq = a * a * (var_y + ey * ey) + 2 * a * m * ey + m * m
     r = v - a[:, None] * w
     var_r = np.maximum(moment.variance(r), 0.0)
-    return CoherentSplit(gain=a, offset=np.broadcast_to(m, a.shape).astype(np.float64),
+    return CoherentSplit(gain=a, offset=m,
                          coherent_sq=np.maximum(coherent_sq, 0.0), residual=r, residual_sq=var_r)

@@ -22,7 +22,7 @@ import numpy as np
 from cimstat.hardware import LayerConfig, SignedInputEncoding
 from cimstat.stats import ChannelDistribution, QuantizedInput, SliceStats, applied_codes
 
-__all__ = ["InputPass", "InputPlan", "input_plan", "input_error_terms", "input_quantization_error"]
+__all__ = ["InputPass", "InputPlan", "input_plan", "input_error_terms"]
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,3 @@ def input_error_terms(plan: InputPlan, w: np.ndarray, channel_of_row: np.ndarray
     else:
         white = (w * w) @ resid
     return w * beta, w @ const, np.maximum(white, 0.0)
-
-
-def input_quantization_error(moment, plan: InputPlan, w: np.ndarray, channel_of_row: np.ndarray,
-                             dist: ChannelDistribution | None = None,
-                             resid_corr: np.ndarray | None = None) -> np.ndarray:
-    """(C_out,) ``E[(Σ_k w_ck e_k)²]`` for the (quantized) weights ``w (C_out, K)``."""
-    v, k, white = input_error_terms(plan, w, channel_of_row, dist, resid_corr)
-    return np.maximum(moment.affine_quad_form(v, k) + white, 0.0)

@@ -342,9 +342,8 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
     b = noise.bias
     bias_const = dw * plan.offset_code * dx * b.sum(1)
     vb = dw[:, None] * b
-    with model.moment.reuse():  # (dw·b) F once for the error and the split
-        bias_err = model.moment.affine_quad_form(vb, bias_const)
-        sp = split_coherent(model.moment, model.weight, vb, bias_const)
+    sp = split_coherent(model.moment, model.weight, vb, bias_const)
+    bias_err = sp.energy
     share = noise.bias_share_prog
     # per-weight variances for propagation; the applied code's energy relative to x's
     x_sq = np.maximum(model.moment.sq_mean, 1e-30)
@@ -399,9 +398,8 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
         def build_iq():
             corr = model.rounding_correlation(plan.step)
             v, k_, resid = input_error_terms(plan, w_eff, ch, model.dist, corr)
-            with model.moment.reuse():  # v F once for the total and the split
-                total = np.maximum(model.moment.affine_quad_form(v, k_) + resid, 0.0)
-                sp = split_coherent(model.moment, model.weight, v, k_)
+            sp = split_coherent(model.moment, model.weight, v, k_)
+            total = sp.energy + resid
             return total, resid, sp, sp.residual ** 2
         e, resid, sp, res2 = model.cached(key, build_iq)
         error[ErrorSource.INPUT_QUANTIZATION] = e

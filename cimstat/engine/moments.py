@@ -7,10 +7,9 @@ dot product or per row tile then cost ``O(N·K·r)``.
 
 Speed: the factorisation of a dense ``M`` is config independent; it is kept on disk
 (``<repo>/.cache/engine_moments``, keyed by a hash of ``M`` and the row moments, written
-atomically) so a new process does not redo the eigendecomposition. The projections ``v F``
-that several forms share (``quad_form``, ``cross_form``, ``affine_quad_form``, ``variance`` of
-the same ``v``) are computed once inside a :meth:`SecondMoment.reuse` block, and those of a
-:meth:`SecondMoment.pin`-ned array (the layer's float weights) once for good.
+atomically) so a new process does not redo the eigendecomposition. The projections of a
+:meth:`SecondMoment.pin`-ned array (the layer's float weights, used by every coherent split)
+are computed once for good.
 """
 from __future__ import annotations
 
@@ -33,7 +32,9 @@ def _cache_dir() -> Path | None:
     env = os.environ.get("CIMSTAT_MOMENT_CACHE")
     if env is not None:
         return Path(env) if env else None  # empty: no disk cache
-    return Path(__file__).resolve().parent.parent.parent / ".cache" / "engine_moments"
+    from cimstat.probes import repo_root
+
+    return repo_root() / ".cache" / "engine_moments"
 
 
 def _dense_factor(m32: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +93,6 @@ class SecondMoment:
         self.var = np.maximum(self.sq_mean - self.mean ** 2, 0.0)
         self._has_diag = bool(np.any(self.diag))
         self._pinned: list[tuple[np.ndarray, dict]] = []   # (array, {"proj", "quad", "mean"})
-        self._memo: list[tuple[np.ndarray, dict]] | None = None
 
     @classmethod
     def from_layer_stats(cls, stats, rank: int = DEFAULT_RANK) -> "SecondMoment":
@@ -114,48 +114,21 @@ class SecondMoment:
         if not any(a is v for a, _ in self._pinned):
             self._pinned.append((v, {}))
 
-    @contextlib.contextmanager
-    def reuse(self):
-        """Inside the block, forms of the same array object share its projection ``v F``
-        (the arrays must not be modified in place inside the block)."""
-        outer = self._memo
-        if outer is None:
-            self._memo = []
-        try:
-            yield self
-        finally:
-            if outer is None:
-                self._memo = None
-
-    def _slot(self, v: np.ndarray) -> dict | None:
-        for a, d in self._pinned:
-            if a is v:
-                return d
-        if self._memo is not None:
-            for a, d in self._memo:
-                if a is v:
-                    return d
-            d = {}
-            self._memo.append((v, d))
-            return d
-        return None
+    def _memo(self, v: np.ndarray, key: str, compute):
+        """``compute()``, kept under ``key`` when ``v`` is a pinned array."""
+        slot = next((d for a, d in self._pinned if a is v), None)
+        if slot is None:
+            return compute()
+        if key not in slot:
+            slot[key] = compute()
+        return slot[key]
 
     def project(self, v: np.ndarray) -> np.ndarray:
         """``v F``."""
-        slot = self._slot(v)
-        if slot is None:
-            return v @ self.factor
-        if "proj" not in slot:
-            slot["proj"] = v @ self.factor
-        return slot["proj"]
+        return self._memo(v, "proj", lambda: v @ self.factor)
 
     def _vmean(self, v: np.ndarray) -> np.ndarray:
-        slot = self._slot(v)
-        if slot is None:
-            return v @ self.mean
-        if "mean" not in slot:
-            slot["mean"] = v @ self.mean
-        return slot["mean"]
+        return self._memo(v, "mean", lambda: v @ self.mean)
 
     def _diag_term(self, u: np.ndarray, v: np.ndarray) -> np.ndarray | float:
         return (u * v) @ self.diag if self._has_diag else 0.0
@@ -163,14 +136,10 @@ class SecondMoment:
     # ---- forms --------------------------------------------------------------------
     def quad_form(self, v: np.ndarray) -> np.ndarray:
         """``E[(v_c · x)²]`` for ``v (..., K)`` -> ``(...)``."""
-        slot = self._slot(v)
-        if slot is not None and "quad" in slot:
-            return slot["quad"]
-        proj = self.project(v)
-        out = (proj * proj).sum(-1) + self._diag_term(v, v)
-        if slot is not None:
-            slot["quad"] = out
-        return out
+        def compute():
+            proj = self.project(v)
+            return (proj * proj).sum(-1) + self._diag_term(v, v)
+        return self._memo(v, "quad", compute)
 
     def cross_form(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         """``E[(u_c · x)(v_c · x)]`` row by row for ``u, v (..., K)`` -> ``(...)``."""
