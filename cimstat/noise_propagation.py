@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cimstat.input_sample import collect_input_samples
 from cimstat.network import AnalogLayerSpec, analog_layers, fold_batchnorm
 from cimstat.probes import NOISE_SCHEMA_VERSION, ActivationStats, LayerNoiseProp, NoiseProp, utc_now
 
@@ -339,10 +340,18 @@ def noise_propagation(model: nn.Module, model_name: str, dataset: str, stats: Ac
             rms = torch.as_tensor(np.sqrt(stats.layers[name].out_sq_mean), dtype=torch.float32).clamp_min(1e-12)
             layers[name].ratio = injection_ratio(folded, name, images, injection_sigma_rel * rms,
                                                  draws=injection_draws, seed=seed)
+    # input samples of the small layers over the images stat.pkl describes (not only the first n_images)
+    n_stat = int(stats.meta["n_images"])
+    sample_batches = tqdm(data.loader(dataset, "probe", 100, root, n_images=n_stat), unit="batch",
+                          desc=f"input samples ({n_stat} images)", disable=not progress)
+    for name, sample in collect_input_samples(folded, sample_batches, n_stat, seed=seed).items():
+        if name in layers:
+            layers[name].input_sample = sample
     meta = {"schema_version": NOISE_SCHEMA_VERSION, "model": model_name, "fingerprint": stats.meta["fingerprint"],
             "dataset": dataset, "split": "probe",
             "split_note": "the first n_images of the images stat.pkl was probed on",
             "n_images": int(n), "seed": int(seed), "created": utc_now(), "method": method,
+            "input_sample_images": n_stat,
             "class_estimator": estimator,
             "coherent_directions": "classes" if class_probes is None else f"rademacher({int(class_probes)})",
             "injection": {"sigma_rel": injection_sigma_rel, "draws": injection_draws} if method == "injection" else None}

@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1          #: of ``stat.pkl``
-NOISE_SCHEMA_VERSION = 3    #: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``)
+NOISE_SCHEMA_VERSION = 4    #: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``; 4: ``input_sample``)
+NOISE_SCHEMA_READABLE = (3, 4)  #: versions :func:`read_noise_prop` accepts (3: no input samples; the engine then models every layer's ADC input)
 STAT_FILE = "stat.pkl"
 NOISE_PROP_FILE = "noise_prop.pkl"
 _STAT_SCHEMA = "cimstat.stat"
@@ -168,6 +169,11 @@ class LayerNoiseProp:
     #: (N, D, C_out, K) per-sample weight gradients ``∂z_d/∂W_ck`` of the ``gain_jac`` images (float16);
     #: small layers only
     weight_grad: np.ndarray | None = None
+    #: (S, K) float32: a fixed sample of S im2col input vectors of the layer (patch rows in PyTorch's
+    #: (C_in, kh, kw) order) drawn evenly from the images of ``stat.pkl``; layers with small fan-in only
+    #: (:data:`cimstat.input_sample.SAMPLE_MAX_FAN_IN`). The engine takes expectations over it where moments
+    #: are not enough (the ADC of conv1: whole all-background patches are one point mass)
+    input_sample: np.ndarray | None = None
 
 
 @dataclass
@@ -336,16 +342,17 @@ class _Reader:
             raise self.fail(f"{where}[{key!r}] holds non-finite values")
         return v
 
-    def header(self, doc: Any, schema: str, expected: int = SCHEMA_VERSION) -> dict[str, Any]:
+    def header(self, doc: Any, schema: str, expected: int | tuple[int, ...] = SCHEMA_VERSION) -> dict[str, Any]:
         if not isinstance(doc, dict):
             raise self.fail(f"top level is a {type(doc).__name__}, expected a dict")
         got = doc.get("schema")
         if got != schema:
             raise self.fail(f"schema {got!r}, expected {schema!r}")
         version = doc.get("schema_version")
-        if version != expected:
+        accepted = expected if isinstance(expected, tuple) else (expected,)
+        if isinstance(version, bool) or version not in accepted:
             raise self.fail(f"schema version {version!r} is not supported (this cimstat reads version "
-                            f"{expected}); re-run probing")
+                            f"{' or '.join(map(str, accepted))}); re-run probing")
         meta = self.get(doc, "meta", "file", dict)
         for k in _META_KEYS:
             self.get(meta, k, "meta")
@@ -427,7 +434,7 @@ def read_noise_prop(path: str | Path, stats: ActivationStats | None = None) -> N
     path = Path(path)
     r = _Reader(path)
     doc = _read_pickle(path)
-    meta = r.header(doc, _NOISE_SCHEMA, NOISE_SCHEMA_VERSION)
+    meta = r.header(doc, _NOISE_SCHEMA, NOISE_SCHEMA_READABLE)
     r.get(meta, "method", "meta", str)
     layers: dict[str, LayerNoiseProp] = {}
     for i, d in enumerate(r.get(doc, "layers", "file", list)):
@@ -453,7 +460,8 @@ def read_noise_prop(path: str | Path, stats: ActivationStats | None = None) -> N
         k_ = sens.shape[1]
         layers[name] = LayerNoiseProp(name, ratio, sens, r.array(d, "weight_sens_class", where, (c_out, n_cls)),
                                       gain, offset, ratio_img, sens_img,
-                                      r.array(d, "weight_grad", where, (n_coh, n_dir, c_out, k_), optional=True))
+                                      r.array(d, "weight_grad", where, (n_coh, n_dir, c_out, k_), optional=True),
+                                      r.array(d, "input_sample", where, (None, k_), optional=True))
     if stats is not None:
         missing = [n for n in stats.layers if n not in layers]
         if missing:
@@ -536,7 +544,7 @@ def _noise_fresh(directory: Path, stats: ActivationStats, n_noise: int) -> bool:
     except ProbeFileError:
         return False
     return (n["fingerprint"] == stats.meta["fingerprint"] and n["n_images"] == n_noise
-            and n.get("method") == "jacobian")
+            and n.get("method") == "jacobian" and n["schema_version"] == NOISE_SCHEMA_VERSION)
 
 
 def ensure_default_probes(directory: str | Path | None = None, *, n_stat_images: int = DEFAULT_STAT_IMAGES,

@@ -147,3 +147,76 @@ def test_sources_are_attributed(unsigned_layer):
     _, parts = unsigned_layer.engine_error(unsigned_layer.resolved(cfg))
     assert parts[ErrorSource.PROGRAMMING_ERROR] > 10 * parts[ErrorSource.WEIGHT_QUANTIZATION] > 0
     assert parts[ErrorSource.READ_NOISE] == 0 and parts[ErrorSource.ADC_QUANTIZATION] == 0
+
+
+# ---- the ADC error as an expectation over a probed input sample (cimstat.engine.sampled_adc)
+def _im2col(x: torch.Tensor, conv: nn.Conv2d) -> np.ndarray:
+    cols = nn.functional.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double().numpy()
+
+
+def _adc_only_mc(layer: TinyLayer, res: ResolvedLayer) -> np.ndarray:
+    """Per channel, mean over positions of (y with ADC - y with an ideal ADC)², one noiseless chip."""
+    ideal = ResolvedLayer("0", res.config.replace(adc_bits=None), LayerRanges(res.ranges.signed_input,
+                                                                              res.ranges.input_range, None))
+    with torch.no_grad():
+        y_adc = AnalogLayer("0", layer.conv, res.config, res.ranges, chip_seed=1)(layer.x_mc).double()
+        y_ref = AnalogLayer("0", layer.conv, ideal.config, ideal.ranges, chip_seed=1)(layer.x_mc).double()
+    return ((y_adc - y_ref) ** 2).mean(dim=(0, 2, 3)).numpy()
+
+
+@pytest.mark.parametrize("name", ["adc6_max", "adc5_clip", "split_bitserial_noiseless"])
+def test_sampled_adc_error_is_exact_on_its_own_sample(unsigned_layer, signed_layer, name):
+    """Noiseless conversions are deterministic: over the very vectors the MC converts, the sampled
+    ADC error per channel equals the simulator's to rounding precision."""
+    layer = signed_layer if name.startswith("split") else unsigned_layer
+    case = {"adc6_max": dict(UNSIGNED_CASES["adc6_max"]), "adc5_clip": dict(UNSIGNED_CASES["adc5_clip"]),
+            "split_bitserial_noiseless": dict(input_bits=5, weight_bits=5, input_slice_bits=1, adc_bits=5,
+                                              rows_per_array=12, _adc_scale=0.5)}[name]
+    scale = case.pop("_adc_scale", 1.0)
+    res = layer.resolved(LayerConfig(**case), None, scale)
+    model = LayerModel(layer.stats, layer.conv.weight.detach().numpy())
+    model.input_sample = _im2col(layer.x_mc, layer.conv)
+    le = estimate_layer(model, res)
+    np.testing.assert_allclose(le.error[ErrorSource.ADC_QUANTIZATION], _adc_only_mc(layer, res), rtol=1e-6,
+                               atol=1e-12)
+
+
+SAMPLED_TOLERANCE_DB = 0.35
+
+
+@pytest.mark.parametrize("name", ["adc6_max", "adc5_clip", "adc_lattice_thermal", "adc_separate_offset", "combo"])
+def test_sampled_adc_unsigned_matches_mc(unsigned_layer, name):
+    """With a sample of the probe draw (not the MC draw) the moment model's 1 dB limits go."""
+    model = LayerModel(unsigned_layer.stats, unsigned_layer.conv.weight.detach().numpy())
+    model.input_sample = _im2col(_inputs(96, 1, False), unsigned_layer.conv)
+    case = dict(UNSIGNED_CASES[name])
+    rng, scale = case.pop("_input_range", None), case.pop("_adc_scale", 1.0)
+    res = unsigned_layer.resolved(LayerConfig(**case), rng, scale)
+    est = float(estimate_layer(model, res).total.sum())
+    mc = unsigned_layer.mc_error(res)
+    assert abs(_db(est, mc)) < SAMPLED_TOLERANCE_DB, (name, est, mc)
+
+
+def test_sampled_adc_signed_bitserial_matches_mc(signed_layer):
+    model = LayerModel(signed_layer.stats, signed_layer.conv.weight.detach().numpy())
+    model.input_sample = _im2col(_inputs(96, 4, True), signed_layer.conv)
+    case = dict(SIGNED_CASES["split_bitserial_adc"])
+    scale = case.pop("_adc_scale")
+    res = signed_layer.resolved(LayerConfig(**case), None, scale)
+    est = float(estimate_layer(model, res).total.sum())
+    assert abs(_db(est, signed_layer.mc_error(res))) < SAMPLED_TOLERANCE_DB
+
+
+def test_sampled_input_quantization_is_exact_on_its_own_sample(signed_layer):
+    """Input rounding and clipping with float weights: over the vectors the MC sees, the sampled
+    error per channel equals the simulator's (which is deterministic here)."""
+    layer = signed_layer
+    res = layer.resolved(LayerConfig(input_bits=4, weight_bits=None), 0.5 * layer.x_max)
+    model = LayerModel(layer.stats, layer.conv.weight.detach().numpy())
+    model.input_sample = _im2col(layer.x_mc, layer.conv)
+    le = estimate_layer(model, res)
+    with torch.no_grad():
+        y = AnalogLayer("0", layer.conv, res.config, res.ranges, chip_seed=1)(layer.x_mc).double()
+    mc = ((y - layer.y_mc) ** 2).mean(dim=(0, 2, 3)).numpy()
+    np.testing.assert_allclose(le.error[ErrorSource.INPUT_QUANTIZATION], mc, rtol=1e-6)

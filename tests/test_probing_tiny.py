@@ -236,3 +236,29 @@ def test_weight_sens_predicts_weight_perturbation():
             mod.weight.copy_(w0)
             predicted = s * s * layers[name].weight_sens.sum()
             assert abs(10 * np.log10(np.mean(measured) / predicted)) < 0.4  # 150 draws
+
+
+def test_input_samples_are_real_patch_vectors():
+    """Every sampled vector is one of the layer's im2col vectors, spread over all images, and the
+    sampling is deterministic; layers above the fan-in limit keep none."""
+    from cimstat.input_sample import collect_input_samples
+
+    folded, images = _tiny()
+    direct = _direct_patches(folded, images)
+    batches = [(images[:5], None), (images[5:], None)]
+    got = collect_input_samples(folded, batches, len(images), size=40, max_fan_in=36, seed=3)
+    again = collect_input_samples(folded, batches, len(images), size=40, max_fan_in=36, seed=3)
+    assert set(got) == {"conv1", "conv2", "fc"}  # fan-ins 18, 36, 4
+    assert set(got) == set(again)
+    for name, sample in got.items():
+        np.testing.assert_array_equal(sample, again[name])
+        cols = direct[name][0].float().numpy()
+        n_pos = cols.shape[0] // len(images)
+        assert sample.shape == (min(40, len(images) * min(n_pos, 4)), cols.shape[1])
+        # each sampled row equals some patch row; rows come from every image
+        match = np.abs(sample[:, None, :] - cols[None, :, :]).max(-1) < 1e-6
+        assert match.any(1).all(), name
+        images_hit = {int(np.flatnonzero(row)[0]) // n_pos for row in match}
+        assert len(images_hit) == len(images), name
+    few = collect_input_samples(folded, batches, len(images), size=40, max_fan_in=18, seed=3)
+    assert set(few) == {"conv1", "fc"}

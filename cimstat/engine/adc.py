@@ -20,6 +20,7 @@ slice statistics and the weight-slice levels) this module returns ``E[err]`` and
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -27,7 +28,7 @@ from scipy.special import betainc, gammainc, gammaincc, ndtr
 
 from cimstat.hardware import adc_code_limits, adc_step  # the ADC grid is config semantics
 
-__all__ = ["adc_code_limits", "adc_step", "conversion_error", "LATTICE_MAX_STEP"]
+__all__ = ["adc_code_limits", "adc_step", "conversion_error", "conversion_errors", "LATTICE_MAX_STEP"]
 
 LATTICE_MAX_STEP = 8.0     #: lattice treatment when Δ ≤ this many partial-sum units
 _LATTICE_MAX_DITHER = 0.3  #: ... and device noise std below this (partial-sum units)
@@ -207,13 +208,9 @@ def _integer_table(start: int, n: int, delta: float, lo: int, hi: int, sigma_w: 
     return g[i:i + n], gm[i:i + n]
 
 
-def _tabulated(mu: np.ndarray, sd: np.ndarray, gamma: bool, h: float, delta: float, lo: int, hi: int,
-               sigma_w: float, sigma_n: float, dither: float, align: bool):
-    """``(E[err], E[err²])`` averaging the tabulated g against the distribution's CDF.
-
-    Grid spacing ``h`` (1 on the integer lattice, ``align``); every element's ``μ ± 12σ`` is
-    covered; bins of ``max(1, ⌊σ/(3h)⌋)`` grid points carry CDF mass × the bin mean of g.
-    """
+def _grid(mu: np.ndarray, sd: np.ndarray, gamma: bool | float, h: float, delta: float, lo: int, hi: int,
+          sigma_w: float, align: bool) -> tuple[float, int]:
+    """Start and size of the grid of :func:`_tabulated`: every element's ``μ ± span·σ`` and the ADC range."""
     span = 12.0 if gamma else 7.5
     margin = 9 * sigma_w + 2 * delta + 2 * h
     g_lo = min(lo * delta - margin, float((mu - span * sd).min()) - 2 * h)
@@ -221,26 +218,73 @@ def _tabulated(mu: np.ndarray, sd: np.ndarray, gamma: bool, h: float, delta: flo
     if align:
         g_lo, g_hi = math.floor(g_lo), math.ceil(g_hi)
     n = int(round((g_hi - g_lo) / h)) + 1
+    return g_lo, n
+
+
+def _bins(mu: np.ndarray, sd: np.ndarray, gamma: bool | float, h: float, g_lo: float, n: int):
+    """The CDF mass of every element's bins on the grid ``g_lo + h·i`` (``i < n``): independent of the
+    table g, so one set serves every thermal-noise level with the same grid."""
+    span = 12.0 if gamma else 7.5
+    width = np.maximum(1, np.ceil(sd / (3 * h))).astype(np.int64)
+    nb = int(min(np.ceil(span * sd / (width * h)).max() + 1, 40))
+    m = np.arange(-nb, nb + 2)
+    centre = np.round((mu - g_lo) / h).astype(np.int64)
+    edges = np.clip((centre - width // 2)[:, None] + m[None] * width[:, None], 0, n)
+    start, end = edges[:, :-1], edges[:, 1:]
+    cdf = _cdf(g_lo + (edges - 0.5) * h, mu, sd, gamma)
+    mass = np.diff(cdf, axis=1)
+    np.maximum(mass, 0.0, out=mass)
+    count = np.maximum(end - start, 1)
+    total = np.maximum(mass.sum(1), 1e-300)
+    return start, end, mass / count, total
+
+
+def _table_sums(g_lo: float, n: int, h: float, align: bool, delta: float, lo: int, hi: int, sigma_w: float,
+                sigma_n: float, dither: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative sums (with a leading 0) of g and gm on the grid of :func:`_grid`."""
     if align and h == 1.0:  # integer grid: pointwise values, shared by every call with these parameters
         g, gm = _integer_table(int(g_lo), n, delta, lo, hi, sigma_w, sigma_n, dither)
     else:
         grid = g_lo + h * np.arange(n, dtype=np.float64)
         g, gm = _table(grid, delta, lo, hi, sigma_w, sigma_n, dither)
-    cg = np.concatenate([[0.0], np.cumsum(g)])
-    cgm = np.concatenate([[0.0], np.cumsum(gm)])
-    width = np.maximum(1, np.ceil(sd / (3 * h))).astype(np.int64)
-    nb = int(min(np.ceil(span * sd / (width * h)).max() + 1, 40))
-    m = np.arange(-nb, nb + 2)
-    centre = np.round((mu - g_lo) / h).astype(np.int64)
-    edges = np.clip(centre[:, None] - width[:, None] // 2 + m[None] * width[:, None], 0, n)
-    start, end = edges[:, :-1], edges[:, 1:]
-    cdf = _cdf(g_lo + (edges - 0.5) * h, mu, sd, gamma)
-    mass = np.maximum(np.diff(cdf, axis=1), 0.0)
-    count = np.maximum(end - start, 1)
-    total = np.maximum(mass.sum(1), 1e-300)
-    mean = (mass * (cgm[end] - cgm[start]) / count).sum(1) / total
-    sq = (mass * (cg[end] - cg[start]) / count).sum(1) / total
+    cg = np.empty(n + 1)
+    cgm = np.empty(n + 1)
+    cg[0] = cgm[0] = 0.0
+    np.cumsum(g, out=cg[1:])
+    np.cumsum(gm, out=cgm[1:])
+    return cg, cgm
+
+
+def _apply_bins(bins, cg: np.ndarray, cgm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    start, end, weight, total = bins
+    mean = np.einsum("ij,ij->i", weight, cgm[end] - cgm[start]) / total
+    sq = np.einsum("ij,ij->i", weight, cg[end] - cg[start]) / total
     return mean, np.maximum(sq, 0.0)
+
+
+def _tabulated(mu: np.ndarray, sd: np.ndarray, gamma: bool, h: float, delta: float, lo: int, hi: int,
+               sigma_w: float, sigma_n: float, dither: float, align: bool):
+    """``(E[err], E[err²])`` averaging the tabulated g against the distribution's CDF.
+
+    Grid spacing ``h`` (1 on the integer lattice, ``align``); every element's ``μ ± 12σ`` is
+    covered; bins of ``max(1, ⌊σ/(3h)⌋)`` grid points carry CDF mass × the bin mean of g.
+    """
+    g_lo, n = _grid(mu, sd, gamma, h, delta, lo, hi, sigma_w, align)
+    return _apply_bins(_bins(mu, sd, gamma, h, g_lo, n),
+                       *_table_sums(g_lo, n, h, align, delta, lo, hi, sigma_w, sigma_n, dither))
+
+
+def _tabulated_many(mu, sd, gamma, h, delta, lo, hi, params, align, memo: dict):
+    """:func:`_tabulated` for several ``(sigma_w, sigma_n, dither)``; the bins (the costly CDFs) are
+    computed once per distinct grid (``memo``)."""
+    out = []
+    for sigma_w, sigma_n, dither in params:
+        g_lo, n = _grid(mu, sd, gamma, h, delta, lo, hi, sigma_w, align)
+        bins = memo.get((g_lo, n))
+        if bins is None:
+            bins = memo[(g_lo, n)] = _bins(mu, sd, gamma, h, g_lo, n)
+        out.append(_apply_bins(bins, *_table_sums(g_lo, n, h, align, delta, lo, hi, sigma_w, sigma_n, dither)))
+    return out
 
 
 def conversion_error(mu: np.ndarray, var_signal: np.ndarray, var_device: np.ndarray, delta: float, lo: int,
@@ -254,10 +298,20 @@ def conversion_error(mu: np.ndarray, var_signal: np.ndarray, var_device: np.ndar
     ``p_zero``: probability that every input of the tile is 0 (then ``P = d = 0`` exactly):
     P is that point mass mixed with the conditional distribution of matching moments.
     """
+    return conversion_errors(mu, var_signal, var_device, delta, lo, hi, (sigma_n,), nonnegative=nonnegative,
+                             p_zero=p_zero, upper=upper)[0]
+
+
+def conversion_errors(mu: np.ndarray, var_signal: np.ndarray, var_device: np.ndarray, delta: float, lo: int,
+                      hi: int, sigma_ns, *, nonnegative: bool = False, p_zero: np.ndarray | None = None,
+                      upper: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`conversion_error` for several thermal-noise levels ``sigma_ns`` at once (one result
+    per level, each the same as its own call): the partial-sum distribution, its bins and CDFs
+    (the costly part) are shared between the levels."""
     shape = np.shape(mu)
     mu = np.asarray(mu, dtype=np.float64).ravel()
     if mu.size == 0:
-        return mu.reshape(shape), mu.reshape(shape)
+        return [(mu.reshape(shape), mu.reshape(shape)) for _ in sigma_ns]
     vs = np.broadcast_to(np.asarray(var_signal, dtype=np.float64), shape).ravel()
     vd = np.broadcast_to(np.asarray(var_device, dtype=np.float64), shape).ravel()
     pz = np.zeros_like(mu) if p_zero is None else np.clip(np.broadcast_to(p_zero, shape).ravel(), 0.0, 0.999)
@@ -270,18 +324,22 @@ def conversion_error(mu: np.ndarray, var_signal: np.ndarray, var_device: np.ndar
         gamma = float(upper)  # bounded: Beta on [0, upper]
     if nonnegative:
         mu_c = np.maximum(mu_c, 0.0)
-    mean = np.empty_like(mu)
-    sq = np.empty_like(mu)
+    means = [np.empty_like(mu) for _ in sigma_ns]
+    sqs = [np.empty_like(mu) for _ in sigma_ns]
+    memo: dict = {}
     lattice = delta <= LATTICE_MAX_STEP and float(np.sqrt(vd_c.max())) < _LATTICE_MAX_DITHER
     if lattice:
-        sigma_w = math.sqrt(float(vd_c.mean()) + sigma_n ** 2)
+        dither = float(vd_c.mean())
+        sigma_ws = [math.sqrt(dither + sigma_n ** 2) for sigma_n in sigma_ns]
         sd = np.sqrt(var_c)
         period = _lattice_period(delta)
         # wide enough to average g over its period (or an incommensurate step): smooth formulas
         table = (sd < max(2.0 * period, 4.0 * delta)) & (sd * 24 <= 400_000)
         if table.any():
-            mean[table], sq[table] = _tabulated(mu_c[table], sd[table], gamma, 1.0, delta, lo, hi, sigma_w,
-                                                sigma_n, float(vd_c.mean()), True)
+            res = _tabulated_many(mu_c[table], sd[table], gamma, 1.0, delta, lo, hi,
+                                  [(sw, sn, dither) for sw, sn in zip(sigma_ws, sigma_ns)], True, memo)
+            for i, (m, q) in enumerate(res):
+                means[i][table], sqs[i][table] = m, q
         wide = ~table
     else:
         sd = np.sqrt(var_c + vd_c)
@@ -291,32 +349,41 @@ def conversion_error(mu: np.ndarray, var_signal: np.ndarray, var_device: np.ndar
         point = narrow & (sd < 2 * h)   # narrower than the grid: 5-point Gauss–Hermite on g itself
         narrow = narrow & ~point
         if point.any():
-            mean[point], sq[point] = _gauss_hermite(mu_c[point], sd[point], delta, lo, hi, sigma_n)
+            for i, sigma_n in enumerate(sigma_ns):
+                means[i][point], sqs[i][point] = _gauss_hermite(mu_c[point], sd[point], delta, lo, hi, sigma_n)
         if narrow.any():
-            mean[narrow], sq[narrow] = _tabulated(mu_c[narrow], sd[narrow], gamma, h, delta, lo, hi,
-                                                  sigma_n, sigma_n, 0.0, False)
+            res = _tabulated_many(mu_c[narrow], sd[narrow], gamma, h, delta, lo, hi,
+                                  [(sn, sn, 0.0) for sn in sigma_ns], False, memo)
+            for i, (m, q) in enumerate(res):
+                means[i][narrow], sqs[i][narrow] = m, q
     if wide.any():
-        s_tot = np.sqrt(sd[wide] ** 2 + sigma_n ** 2)
-        if gamma is not True and gamma:
-            m, q, cross = _smooth_beta(mu_c[wide], s_tot, delta, lo, hi, float(gamma))
-        elif gamma:
-            m, q, cross = _smooth_gamma(mu_c[wide], s_tot, delta, lo, hi)
-        else:
-            m, q, cross = _smooth_moments(mu_c[wide], s_tot, delta, lo, hi)
-        gain = sigma_n ** 2 / np.maximum(s_tot ** 2, 1e-300)
-        q = q + sigma_n ** 2 + 2 * gain * cross
-        if lattice:  # interior error: the mean of g over its period instead of Δ²/12 + σ_n²
-            g_bar = _interior_mean(delta, lo, hi, sigma_w, sigma_n, float(vd_c.mean()))
-            inner = _inner_probability(mu_c[wide], s_tot, delta, lo, hi, gamma)
-            q = q + inner * (g_bar - delta ** 2 / 12 - sigma_n ** 2)
-        mean[wide], sq[wide] = m, np.maximum(q, 0.0)
-    if p_zero is not None and np.any(pz > 0):
-        m0, s0 = _zero_input_error(delta, lo, hi, sigma_n)
-        mean = pz * m0 + keep * mean
-        sq = pz * s0 + keep * sq
-    return mean.reshape(shape), sq.reshape(shape)
+        mu_w, sd_w = mu_c[wide], sd[wide]
+        for i, sigma_n in enumerate(sigma_ns):
+            s_tot = np.sqrt(sd_w ** 2 + sigma_n ** 2)
+            if gamma is not True and gamma:
+                m, q, cross = _smooth_beta(mu_w, s_tot, delta, lo, hi, float(gamma))
+            elif gamma:
+                m, q, cross = _smooth_gamma(mu_w, s_tot, delta, lo, hi)
+            else:
+                m, q, cross = _smooth_moments(mu_w, s_tot, delta, lo, hi)
+            gain = sigma_n ** 2 / np.maximum(s_tot ** 2, 1e-300)
+            q = q + sigma_n ** 2 + 2 * gain * cross
+            if lattice:  # interior error: the mean of g over its period instead of Δ²/12 + σ_n²
+                g_bar = _interior_mean(delta, lo, hi, sigma_ws[i], sigma_n, dither)
+                inner = _inner_probability(mu_w, s_tot, delta, lo, hi, gamma)
+                q = q + inner * (g_bar - delta ** 2 / 12 - sigma_n ** 2)
+            means[i][wide], sqs[i][wide] = m, np.maximum(q, 0.0)
+    out = []
+    for mean, sq, sigma_n in zip(means, sqs, sigma_ns):
+        if p_zero is not None and np.any(pz > 0):
+            m0, s0 = _zero_input_error(delta, lo, hi, sigma_n)
+            mean = pz * m0 + keep * mean
+            sq = pz * s0 + keep * sq
+        out.append((mean.reshape(shape), sq.reshape(shape)))
+    return out
 
 
+@functools.lru_cache(maxsize=256)
 def _zero_input_error(delta: float, lo: int, hi: int, sigma_n: float) -> tuple[float, float]:
     """``(E[Q(n)], E[Q(n)²])`` when the ADC input is exactly 0 (only thermal noise)."""
     if sigma_n <= 0:
@@ -328,6 +395,7 @@ def _zero_input_error(delta: float, lo: int, hi: int, sigma_n: float) -> tuple[f
     return float(mean[0]), float(sq[0] + sigma_n ** 2 + 2 * cross[0])
 
 
+@functools.lru_cache(maxsize=256)
 def _lattice_period(delta: float) -> float:
     """Period (partial-sum units) of the rounding error on the integer lattice: the numerator of
     Δ as a fraction with denominator ≤ 64, or ∞ when Δ is not such a fraction."""
@@ -339,6 +407,7 @@ def _lattice_period(delta: float) -> float:
     return math.inf
 
 
+@functools.lru_cache(maxsize=256)
 def _interior_mean(delta: float, lo: int, hi: int, sigma_w: float, sigma_n: float, dither: float) -> float:
     """Mean of g over whole periods of the lattice in the middle of the ADC range."""
     period = _lattice_period(delta)
@@ -355,10 +424,17 @@ def _inner_probability(mu: np.ndarray, s: np.ndarray, delta: float, lo: int, hi:
     return np.maximum(c[:, 1] - c[:, 0], 0.0)
 
 
+def _hermite_nodes(n: int) -> tuple[np.ndarray, np.ndarray]:
+    t, w = np.polynomial.hermite_e.hermegauss(n)
+    return t, w / w.sum()
+
+
+_HERMITE_5 = _hermite_nodes(5)
+
+
 def _gauss_hermite(mu: np.ndarray, sd: np.ndarray, delta: float, lo: int, hi: int, sigma_n: float):
     """E[g(P)] for a narrow continuous P ~ N(μ, sd²) by 5-point Gauss–Hermite on g."""
-    t, w = np.polynomial.hermite_e.hermegauss(5)
-    w = w / w.sum()
+    t, w = _HERMITE_5
     pts = (mu[:, None] + sd[:, None] * t[None]).ravel()
     g, gm = _table(pts, delta, lo, hi, sigma_n, sigma_n, 0.0)
     return gm.reshape(-1, 5) @ w, g.reshape(-1, 5) @ w

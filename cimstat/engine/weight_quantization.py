@@ -7,6 +7,7 @@ expected squared output error is exact given the second moment of the input patc
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +25,12 @@ class WeightCodes:
     codes: np.ndarray    #: (C_out, K) int64 signed codes qw
     error: np.ndarray    #: (C_out, K) dW = Δw·qw - W (weight units)
 
-    @property
+    @functools.cached_property
     def dequantized(self) -> np.ndarray:
-        return self.step[:, None] * self.codes
+        """``Δw·qw`` (C_out, K), computed once per codes object (read-only)."""
+        out = self.step[:, None] * self.codes
+        out.setflags(write=False)
+        return out
 
 
 def weight_codes(w: np.ndarray, bits: int, scale: WeightScale) -> WeightCodes:
