@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/estimate_speed.py
 
 # docs/validation.md: estimate vs Monte Carlo on sweeps/validation.py (MC results cached in results/.mc-cache)
-VALIDATION_MC ?= --n-images 256 --instances 2 --batch-size 64
+VALIDATION_MC ?= --n-images 256 --instances 2 --programmed-instances 8 --batch-size 64
 VALIDATION_SUBSET ?= input_slice_bits != 1 or (adc_range == 'max' and rows_per_array != 63)
 validation-report: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) --subset "$(VALIDATION_SUBSET)" --report docs/validation.md

@@ -46,3 +46,18 @@ def test_layer_columns_round_trip_and_probe_defaults():
     assert column_layer("mc_snr_db[fc]", "snr_db[") is None
     assert probe_defaults({"model": "resnet18-imagenet", "dataset": "imagenet"}) == ("resnet18-imagenet", "imagenet")
     assert probe_defaults({}) == ("default", "default")
+
+
+def test_programmed_instances_apply_only_where_programming_error_is_on(tmp_path):
+    """One chip is one draw of programming errors: those combinations get their own (larger) chip count,
+    also in the Monte Carlo cache key; everything else keeps --instances."""
+    from cimstat.hardware import HardwareConfig, LayerConfig
+    from cimstat.sweeps.evaluators import ValidationEvaluator
+    from cimstat.sweeps.spec import Combination
+
+    ev = ValidationEvaluator(tmp_path, instances=2, programmed_instances=8)
+    plain = Combination(0, {}, HardwareConfig(LayerConfig(read_noise=0.05)))
+    prog = Combination(1, {}, HardwareConfig(LayerConfig(programming_error=0.02)))
+    one_layer = Combination(2, {}, HardwareConfig(LayerConfig(), layers={"fc": {"programming_error": 0.01}}))
+    assert [ev.instances_for(c) for c in (plain, prog, one_layer)] == [2, 8, 8]
+    assert ValidationEvaluator(tmp_path, instances=3).instances_for(prog) == 3

@@ -151,6 +151,9 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
                         help=f"validation-split images per Monte Carlo run (default {DEFAULT_MC_IMAGES})")
     parser.add_argument("--instances", type=int, default=DEFAULT_MC_INSTANCES,
                         help=f"chip instances per combination (default {DEFAULT_MC_INSTANCES})")
+    parser.add_argument("--programmed-instances", type=int, default=None, metavar="N",
+                        help="chip instances for combinations with programming error (one draw per chip: "
+                             "its spread needs more chips than read noise does); default: --instances")
     parser.add_argument("--subset", default=None, metavar="EXPR",
                         help="which combinations: 'start:stop[:step]', '0,3,7', or a pandas query over the "
                              "parameter columns, e.g. \"adc_bits >= 6\" (backquote dotted names)")
@@ -166,6 +169,8 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
                         help="run nothing: write the report (--report) of the run given by --resume [RUN_DIR] "
                              "from the combinations finished so far, marked partial if the run is unfinished")
     args = parser.parse_args(argv)
+    if args.programmed_instances is not None and args.programmed_instances < 1:
+        raise SweepError(f"--programmed-instances={args.programmed_instances} must be a positive integer")
     for name in ("n_images", "instances", "batch_size"):
         if getattr(args, name) < 1:
             raise SweepError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
@@ -178,7 +183,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     options = {"probes": str(probe_dir.resolve()), "probe_fingerprint": probes.fingerprint, "model": model_name,
                "weights": str(spec.weights) if spec.weights else None, "dataset": dataset,
                "data_root": str(data_root) if data_root else None, "n_images": args.n_images,
-               "instances": args.instances, "subset": args.subset}
+               "instances": args.instances, "programmed_instances": args.programmed_instances, "subset": args.subset}
     if args.report_only and (args.report is None or not args.resume):
         raise SweepError("--report-only needs --report PATH and --resume [RUN_DIR] (the run to report on)")
     if args.report_only and args.resume is True and RunDir.latest_incomplete(Path(args.out) / spec.name,
@@ -192,14 +197,16 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
               f"{args.n_images} images x {args.instances} instances -> {run_dir.path}", file=sys.stderr)
     evaluator = ValidationEvaluator(probe_dir, model_name, spec.weights, dataset, data_root, args.n_images,
                                     args.instances, args.batch_size,
-                                    None if args.no_mc_cache else Path(args.out) / ".mc-cache")
+                                    None if args.no_mc_cache else Path(args.out) / ".mc-cache",
+                                    args.programmed_instances)
     plots: list[Path] = []
     command = _command_line("python -m sweeps.validate", None)
 
     def write_report(rd, frame, partial: str = "") -> None:
         info = {"command": command, "sweep": str(spec.path or spec.name), "probes": str(probe_dir),
                 "n_probe_images": probes.stats.meta.get("n_images"), "model": model_name, "dataset": dataset,
-                "n_images": args.n_images, "instances": args.instances, "run_dir": str(rd.path),
+                "n_images": args.n_images, "instances": args.instances,
+                "programmed_instances": args.programmed_instances, "run_dir": str(rd.path),
                 "created": rd.manifest().get("created", ""), "subset": args.subset, "partial": partial}
         text = validation_report(frame, spec.parameters, info).encode()
         if not partial:

@@ -180,6 +180,18 @@ class ValidationEvaluator:
     cache_dir: Path | None = None
     """Where Monte Carlo rows are cached (None: no cache); see :meth:`monte_carlo`."""
 
+    programmed_instances: int | None = None
+    """Chip instances for combinations with programming error on some layer (None: ``instances``).
+    One chip's programming error is a single draw: on the default model's conv1 its error energy
+    swings ±0.5 dB from chip to chip, so a 2-chip mean can sit 0.7 dB from the expectation."""
+
+    def instances_for(self, combo: Combination) -> int:
+        """Chip instances of the Monte Carlo run of ``combo``."""
+        cfg = combo.config
+        programmed = cfg.default.programming_error > 0 or any(
+            float(over.get("programming_error", 0.0)) > 0 for over in cfg.layers.values())
+        return self.programmed_instances if programmed and self.programmed_instances else self.instances
+
     def setup(self) -> None:
         from cimstat.data import loader
         from cimstat.models import load, weights_fingerprint
@@ -237,7 +249,7 @@ class ValidationEvaluator:
                   for name, r in resolved.items()}
         facts = {"fingerprint": self._fingerprint, "config": combo.config.to_dict() | {"name": ""},
                  "ranges": ranges, "dataset": self.dataset, "data_root": str(self.data_root or ""),
-                 "n_images": self.n_images, "instances": self.instances, "batch_size": self.batch_size,
+                 "n_images": self.n_images, "instances": self.instances_for(combo), "batch_size": self.batch_size,
                  "simulator": _simulator_source_hash()}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -258,7 +270,7 @@ class ValidationEvaluator:
                 except (OSError, json.JSONDecodeError):
                     pass  # a damaged entry is recomputed
         t0 = time.perf_counter()
-        result = measure(self._model, combo.config, resolved, self._loader, instances=self.instances,
+        result = measure(self._model, combo.config, resolved, self._loader, instances=self.instances_for(combo),
                          progress=False)
         mc = mc_columns(result, self.n_images)
         mc["mc_seconds"] = time.perf_counter() - t0

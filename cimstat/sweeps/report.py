@@ -126,7 +126,9 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              f"- model: `{info.get('model', '')}`; probes: `{info.get('probes', '')}` "
              f"({info.get('n_probe_images', '?')} images of the probe split)",
              f"- Monte Carlo: {info.get('n_images', '?')} images of the `{info.get('dataset', '')}` validation split "
-             f"(disjoint from the probe split), {info.get('instances', '?')} chip instances per configuration",
+             f"(disjoint from the probe split), {info.get('instances', '?')} chip instances per configuration"
+             + (f" ({info['programmed_instances']} where programming error is on)"
+                if info.get("programmed_instances") else ""),
              "- errors are estimate − MC; SNR in dB, top-1 in percentage points (pp)", "",
              "## Error statistics", "",
              "| quantity | median abs error | max abs error | configs | target | |",
