@@ -29,7 +29,7 @@ __all__ = ["SAMPLE_MAX_FAN_IN", "SAMPLE_SIZE", "collect_input_samples"]
 
 SAMPLE_MAX_FAN_IN = 512
 """Layers with at most this many inputs per output keep a sample (default model: conv1, the three
-downsample convs and fc; 22 MB in all)."""
+downsample convs and fc; 17 MB in all, float32)."""
 SAMPLE_SIZE = 8192
 """Input vectors kept per layer (fewer when the images hold fewer positions)."""
 
