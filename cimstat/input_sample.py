@@ -5,7 +5,7 @@ zero probabilities assumed independent) fails where whole patches are alike: on 
 model's conv1, 57 % of the 7x7x3 MNIST patches are all background, so the positive pass of a
 split signed input is exactly 0 for them and the negative pass one fixed value per channel, while
 independence predicts P(all 147 rows at rest) ≈ 0 (measured: the engine over-predicted the ADC
-error 3.6-8.2 dB per slice). A few thousand real input vectors hold that joint structure.
+error by 0.6-8.2 dB per slice, 3.4-4.5 on most). A few thousand real input vectors hold that joint structure.
 
 :func:`collect_input_samples` runs the float (batch-norm folded) model over probe images and keeps,
 for every analog layer with fan-in ``K <= SAMPLE_MAX_FAN_IN``, up to ``SAMPLE_SIZE`` im2col vectors:

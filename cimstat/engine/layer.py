@@ -413,23 +413,19 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
         key = ("sadc", repr(cfg), signed, x_range, table.tobytes(), sigma)
         return model.cached(key, lambda: sampled_adc_error(model.input_sample, model.weight, cfg, signed, x_range,
                                                            table, convs, noise_terms, sigma))
-    if cfg.adc_thermal_noise_lsb > 0 and noise is None:  # no device noise: every redrawn part is thermal
-        t = run(float(cfg.adc_thermal_noise_lsb))
-        q = SampledError(t.energy, np.zeros_like(t.random), t.gain, t.offset, t.coherent_sq)
-    else:
-        q = run(0.0)
-    if cfg.adc_thermal_noise_lsb > 0:
+    sigma = float(cfg.adc_thermal_noise_lsb)
+    t = run(sigma)  # the error with every noise present
+    q_energy = t.energy
+    if sigma > 0:
         # thermal noise is not additive: it also turns rounding errors that every conversion of a vector
         # repeats (and that add as amplitudes) into independent ones (measured on a 1-bit-slice lattice:
-        # 0.05 LSB of noise lowers the ADC error 28 %). Its share is the extra variance it redraws per read;
-        # the rest of the error with noise present is the quantization's.
-        t = run(float(cfg.adc_thermal_noise_lsb)) if noise is not None else t
-        thermal = np.minimum(np.maximum(t.random - q.random, 0.0), t.energy)
+        # 0.05 LSB of noise lowers the ADC error 28 %). Its share is the extra variance it redraws per read
+        # (all of it without device noise); the rest of the error with noise present is the quantization's.
+        redrawn = t.random - (run(0.0).random if noise is not None else 0.0)
+        thermal = np.minimum(np.maximum(redrawn, 0.0), t.energy)
         error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * thermal
         white[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * thermal
         q_energy = t.energy - thermal
-    else:
-        t, q_energy = q, q.energy
     q_energy = np.maximum(q_energy, 0.0)  # may go below 0 only by absorbing device noise (see sampled_adc)
     error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * q_energy
     white[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * np.maximum(q_energy - t.coherent_sq, 0.0)

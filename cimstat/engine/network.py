@@ -45,7 +45,7 @@ __all__ = ["Estimate", "Engine", "estimate", "engine_for", "TOP1_MIN_FC_SNR_DB"]
 TOP1_MIN_FC_SNR_DB = 10.0
 """Below this estimated fc (logits) SNR the engine declines top-1 (``Estimate.top1`` is NaN, the reason is
 in ``top1_note``; the linearised number stays in ``top1_linear``). The propagation is linear around the
-float network: at fc SNR < 10 dB every layer's error is 20-30 % of its signal and the errors compound
+float network; far from it the errors compound
 nonlinearly (ADC dead zones silence whole activations, the logits drift to one class). Measured on the
 validation sweep (``docs/validation.md``): every configuration with an estimated fc SNR ≥ 10 dB has
 |top-1 error| ≤ 1.6 pp; all five below it were 6-88 pp optimistic (bit-serial max-range ADCs collapse to

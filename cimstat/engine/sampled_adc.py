@@ -18,7 +18,7 @@ large outputs the same way on every image: a coherent gain) and the rest.
 What moments missed (measured on the default model's conv1, 64 probe images): 57 % of the
 7x7x3 MNIST patches are all background, so the positive pass of a split signed input is exactly 0
 and the negative pass one fixed value per channel; independent rows give P(every row at rest)
-≈ 0, and the moment model over-predicted the ADC error 3.6-8.2 dB per slice.
+≈ 0, and the moment model over-predicted the ADC error by 0.6-8.2 dB per slice (3.4-4.5 on most).
 The only approximation left is the finite sample (8192 vectors by default; a sample of the same
 images the other statistics describe), and the Gaussian shape of the device deviation of one
 partial sum (a sum over the tile's devices).
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cimstat.hardware import LayerConfig, SignedInputEncoding, WeightEncoding
+from cimstat.hardware import LayerConfig, SignedInputEncoding
+from cimstat.stats import applied_codes
 
 from .adc import _cell_moments, _smooth_moments, adc_code_limits
 
@@ -57,22 +58,28 @@ class SampledError:
     coherent_sq: np.ndarray  #: (C_out,) E[(a y + m)²] of the gain + offset part (code units²)
 
 
+def _code_max(cfg: LayerConfig, signed: bool) -> int:
+    return 2 ** (cfg.input_bits - 1) - 1 if signed else 2 ** cfg.input_bits - 1
+
+
 def sample_codes(sample: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float) -> np.ndarray:
     """Integer input codes ``clip(round(x/Δx))`` (round half to even) of the sampled vectors."""
-    bits = cfg.input_bits
-    qmax = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-    qmin = -qmax if signed else 0
+    qmax = _code_max(cfg, signed)
     step = float(x_range) / qmax
-    return np.clip(np.round(np.asarray(sample, dtype=np.float64) / step), qmin, qmax)
+    return np.clip(np.round(np.asarray(sample, dtype=np.float64) / step), -qmax if signed else 0, qmax)
 
 
 def _passes(codes: np.ndarray, cfg: LayerConfig, signed: bool) -> list[tuple[float, np.ndarray]]:
-    """``(sign, applied non-negative code)`` of every input pass."""
-    if not signed:
-        return [(1.0, codes)]
-    if cfg.signed_input_encoding is SignedInputEncoding.SPLIT:
-        return [(1.0, np.maximum(codes, 0.0)), (-1.0, np.maximum(-codes, 0.0))]
-    return [(1.0, codes + 2 ** (cfg.input_bits - 1))]
+    """``(sign, applied non-negative code)`` of every input pass (:func:`cimstat.stats.applied_codes`)."""
+    if signed and cfg.signed_input_encoding is SignedInputEncoding.SPLIT:
+        return [(float(pol), applied_codes(codes, cfg.input_bits, True, "split", pol)) for pol in (1, -1)]
+    return [(1.0, applied_codes(codes, cfg.input_bits, signed, "offset" if signed else "unsigned"))]
+
+
+def _with_noise(q: np.ndarray, cross: np.ndarray, sw: np.ndarray, vd: np.ndarray, sigma_n: float) -> np.ndarray:
+    """``E[err² + 2·d̃·err]`` from ``E[(Q(v) - v)²]`` and ``E[(Q(v) - v)·w]``: ``err = (Q(v) - v) + n`` and
+    ``E[n + d̃ | w] = w`` give ``q + σ_n² + 2·((σ_n² + σ_d²)/σ_w²)·cross``."""
+    return q + sigma_n ** 2 + 2 * ((sigma_n ** 2 + vd) / (sw * sw)) * cross
 
 
 def _conditional_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float, lo: int, hi: int,
@@ -108,7 +115,7 @@ def _conditional_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float,
         ss = sw[smooth]
         m, q, cross = _smooth_moments(flat[smooth], ss, delta, lo, hi)
         mean[smooth] = m
-        sq[smooth] = q + sigma_n ** 2 + 2 * ((sigma_n ** 2 + vd[smooth]) / (ss * ss)) * cross
+        sq[smooth] = _with_noise(q, cross, ss, vd[smooth], sigma_n)
     narrow = ~exact & (sw < 0.499 * delta)
     # no ADC threshold within 6σ: the code is that of P (err = Q(P) - P - d̃: E[err²] = (Q(P)-P)² + σ_d²,
     # E[2·d̃·err] = -2σ_d²)
@@ -132,7 +139,7 @@ def _conditional_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float,
             codes = first[:, None] + np.arange(n_cells)[None]
             m, q, cross = _cell_moments(pp, ss, codes, delta, lo, hi)
             mean[i] = m
-            sq[i] = q + sigma_n ** 2 + 2 * ((sigma_n ** 2 + vd[i]) / (ss * ss)) * cross
+            sq[i] = _with_noise(q, cross, ss, vd[i], sigma_n)
     return mean.reshape(p.shape), (sq - mean * mean).reshape(p.shape)
 
 
@@ -148,7 +155,9 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
     """
     c_out, k = weight.shape
     n_rows = cfg.n_rows(k)
-    noisy = sigma_n_lsb > 0 or noise_terms(0, conversions[0][0][2]) is not None
+    dev_terms = {(li, devs): noise_terms(li, devs) for li, conv_list in enumerate(conversions)
+                 for _, _, devs in conv_list}
+    noisy = sigma_n_lsb > 0 or any(t is not None for t in dev_terms.values())
     n_conv = (len(cfg.input_slices(signed)) * (2 if signed and cfg.signed_input_encoding is SignedInputEncoding.SPLIT
                                               else 1) * sum(len(c) for c in conversions) * -(-k // n_rows))
     # thermal noise of half an LSB or more leaves only closed forms (no cell integrals): the large budget
@@ -175,7 +184,7 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
         for li, conv_list in enumerate(conversions):
             for sign_pol, coef, devs in conv_list:
                 coef = np.asarray(coef, dtype=np.float64)
-                dev = noise_terms(li, devs)
+                dev = dev_terms[(li, devs)]
                 for ji, s in enumerate(slices):
                     delta = float(adc_table[ji, li]) / hi
                     w = sign_in * sign_pol * 2.0 ** (offsets_in[ji] + offsets_w[li])
@@ -200,8 +209,7 @@ def sampled_input_error(sample: np.ndarray, weight: np.ndarray, w_eff: np.ndarra
     """Input rounding + clipping error ``(Δx·q - x)·W_eff`` over the sample (output units), split like
     the ADC error (its ``random`` part is 0: the error is a function of the input)."""
     x = np.asarray(sample, dtype=np.float64)
-    qmax = 2 ** (cfg.input_bits - 1) - 1 if signed else 2 ** cfg.input_bits - 1
-    e = (sample_codes(x, cfg, signed, x_range) * (float(x_range) / qmax) - x) @ np.asarray(w_eff, dtype=np.float64).T
+    e = (sample_codes(x, cfg, signed, x_range) * (float(x_range) / _code_max(cfg, signed)) - x) @ np.asarray(w_eff, dtype=np.float64).T
     return _split(e, np.zeros_like(e), x @ np.asarray(weight, dtype=np.float64).T)
 
 
