@@ -5,13 +5,19 @@ zero probabilities assumed independent) fails where whole patches are alike: on 
 model's conv1, 57 % of the 7x7x3 MNIST patches are all background, so the positive pass of a
 split signed input is exactly 0 for them and the negative pass one fixed value per channel, while
 independence predicts P(all 147 rows at rest) ≈ 0 (measured: the engine over-predicted the ADC
-error by 0.6-8.2 dB per slice, 3.4-4.5 on most). A few thousand real input vectors hold that joint structure.
+error by 0.6-8.2 dB per slice, 3.4-4.5 on most). A few thousand real input vectors hold that joint structure. Deeper layers need it too: with
+1-bit input slices and calibrated (tight) ADC ranges, the clipping error depends on the tail of
+each partial sum, which the moment model's Beta/Gamma shapes miss by up to ±1.7 dB per layer
+(measured on the default model, adc4/adc6-cal-bitserial; the sample brings them within ±0.5 dB).
 
 :func:`collect_input_samples` runs the float (batch-norm folded) model over probe images and keeps,
-for every analog layer with fan-in ``K <= SAMPLE_MAX_FAN_IN``, up to ``SAMPLE_SIZE`` im2col vectors:
-``ceil(SAMPLE_SIZE / n_images)`` output positions per image drawn without replacement by a seeded
-generator (every position of a linear layer's single one), then an even subsample if more were
-kept. Deterministic for a given seed, model and image order.
+for every analog layer, :func:`sample_size` im2col vectors: ``ceil(size / n_images)`` output
+positions per image drawn without replacement by a seeded generator (every position of a linear
+layer's single one), then an even subsample if more were kept. Layers with fan-in
+``K <= SMALL_FAN_IN`` keep ``SAMPLE_SIZE`` float32 vectors, wider ones about ``SAMPLE_ELEMENTS / K``
+(at least ``LARGE_SAMPLE_MIN``) in float16: the engine's element budget uses no more of them per
+config, and the whole sample of the default model stays near 100 MB. Deterministic for a given
+seed, model and image order.
 """
 from __future__ import annotations
 
@@ -25,13 +31,25 @@ from torch import nn
 
 from cimstat.network import AnalogLayerSpec, analog_layers
 
-__all__ = ["SAMPLE_MAX_FAN_IN", "SAMPLE_SIZE", "collect_input_samples"]
+__all__ = ["SMALL_FAN_IN", "SAMPLE_SIZE", "SAMPLE_ELEMENTS", "LARGE_SAMPLE_MIN", "sample_size",
+           "collect_input_samples"]
 
-SAMPLE_MAX_FAN_IN = 512
-"""Layers with at most this many inputs per output keep a sample (default model: conv1, the three
-downsample convs and fc; 17 MB in all, float32)."""
+SMALL_FAN_IN = 512
+"""Layers with at most this many inputs per output keep ``SAMPLE_SIZE`` float32 vectors (default model:
+conv1, the three downsample convs and fc; 17 MB in all)."""
 SAMPLE_SIZE = 8192
-"""Input vectors kept per layer (fewer when the images hold fewer positions)."""
+"""Input vectors kept per small layer (fewer when the images hold fewer positions)."""
+SAMPLE_ELEMENTS = 1 << 21
+"""Wider layers keep about this many values (vectors x fan-in)..."""
+LARGE_SAMPLE_MIN = 1024
+"""... but at least this many vectors."""
+
+
+def sample_size(fan_in: int, size: int = SAMPLE_SIZE) -> int:
+    """Vectors kept for a layer with ``fan_in`` inputs per output (``size`` for small layers)."""
+    if fan_in <= SMALL_FAN_IN:
+        return size
+    return min(size, max(LARGE_SAMPLE_MIN, SAMPLE_ELEMENTS // fan_in))
 
 
 def _patches(spec: AnalogLayerSpec, x: torch.Tensor) -> torch.Tensor:
@@ -43,14 +61,14 @@ def _patches(spec: AnalogLayerSpec, x: torch.Tensor) -> torch.Tensor:
 
 
 def collect_input_samples(folded: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int,
-                          *, size: int = SAMPLE_SIZE, max_fan_in: int = SAMPLE_MAX_FAN_IN,
+                          *, size: int = SAMPLE_SIZE, max_fan_in: int | None = None,
                           seed: int = 0) -> dict[str, np.ndarray]:
-    """``{layer: (S, K) float32}`` for the analog layers of ``folded`` with ``K <= max_fan_in``
-    over ``batches`` (``n_images`` images in all; see the module docstring)."""
+    """``{layer: (S, K)}`` (float32 for ``K <= SMALL_FAN_IN``, else float16; ``S = sample_size(K, size)``)
+    for the analog layers of ``folded`` (only those with ``K <= max_fan_in`` when given) over
+    ``batches`` (``n_images`` images in all; see the module docstring)."""
     if size < 1 or n_images < 1:
         raise ValueError(f"size={size} and n_images={n_images} must be positive")
     gen = torch.Generator().manual_seed(int(seed))
-    per_image = max(1, math.ceil(size / n_images))
     kept: dict[str, list[torch.Tensor]] = {}
     specs: dict[str, AnalogLayerSpec] = {}
     hooks = []
@@ -59,7 +77,7 @@ def collect_input_samples(folded: nn.Module, batches: Iterable[tuple[torch.Tenso
         def hook(_m, inputs, _output):
             cols = _patches(specs[name], inputs[0].detach().float())          # (B, P, K)
             b, p, k = cols.shape
-            take = min(per_image, p)
+            take = min(max(1, math.ceil(sample_size(k, size) / n_images)), p)
             pick = torch.stack([torch.randperm(p, generator=gen)[:take] for _ in range(b)])
             kept[name].append(torch.gather(cols, 1, pick.unsqueeze(-1).expand(b, take, k)).reshape(-1, k).clone())
         return hook
@@ -70,7 +88,7 @@ def collect_input_samples(folded: nn.Module, batches: Iterable[tuple[torch.Tenso
             for images, _ in batches:
                 if not hooks:
                     for spec in analog_layers(folded, images[:1]):
-                        if spec.fan_in <= max_fan_in and spec.groups == 1:
+                        if (max_fan_in is None or spec.fan_in <= max_fan_in) and spec.groups == 1:
                             specs[spec.name] = spec
                             kept[spec.name] = []
                             hooks.append(modules[spec.name].register_forward_hook(hook_for(spec.name)))
@@ -83,7 +101,8 @@ def collect_input_samples(folded: nn.Module, batches: Iterable[tuple[torch.Tenso
         if not parts:
             continue
         allv = torch.cat(parts)
-        if allv.shape[0] > size:
-            allv = allv[torch.linspace(0, allv.shape[0] - 1, size).round().long()]
-        out[name] = allv.numpy().astype(np.float32)
+        n_keep = sample_size(allv.shape[1], size)
+        if allv.shape[0] > n_keep:
+            allv = allv[torch.linspace(0, allv.shape[0] - 1, n_keep).round().long()]
+        out[name] = allv.numpy().astype(np.float32 if allv.shape[1] <= SMALL_FAN_IN else np.float16)
     return out

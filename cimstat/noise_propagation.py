@@ -340,7 +340,7 @@ def noise_propagation(model: nn.Module, model_name: str, dataset: str, stats: Ac
             rms = torch.as_tensor(np.sqrt(stats.layers[name].out_sq_mean), dtype=torch.float32).clamp_min(1e-12)
             layers[name].ratio = injection_ratio(folded, name, images, injection_sigma_rel * rms,
                                                  draws=injection_draws, seed=seed)
-    # input samples of the small layers over the images stat.pkl describes (not only the first n_images)
+    # input samples of every layer over the images stat.pkl describes (not only the first n_images)
     n_stat = int(stats.meta["n_images"])
     sample_batches = tqdm(data.loader(dataset, "probe", 100, root, n_images=n_stat), unit="batch",
                           desc=f"input samples ({n_stat} images)", disable=not progress)

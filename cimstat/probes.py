@@ -38,8 +38,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1          #: of ``stat.pkl``
-NOISE_SCHEMA_VERSION = 4    #: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``; 4: ``input_sample``)
-NOISE_SCHEMA_READABLE = (3, 4)  #: versions :func:`read_noise_prop` accepts (3: no input samples; the engine then models every layer's ADC input)
+NOISE_SCHEMA_VERSION = 5    #: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``; 4: ``input_sample`` of small layers; 5: of every layer)
+NOISE_SCHEMA_READABLE = (3, 4, 5)  #: versions :func:`read_noise_prop` accepts (3: no input samples, 4: samples of small layers only; the engine models the ADC input of layers without one)
 STAT_FILE = "stat.pkl"
 NOISE_PROP_FILE = "noise_prop.pkl"
 _STAT_SCHEMA = "cimstat.stat"
@@ -169,10 +169,11 @@ class LayerNoiseProp:
     #: (N, D, C_out, K) per-sample weight gradients ``∂z_d/∂W_ck`` of the ``gain_jac`` images (float16);
     #: small layers only
     weight_grad: np.ndarray | None = None
-    #: (S, K) float32: a fixed sample of S im2col input vectors of the layer (patch rows in PyTorch's
-    #: (C_in, kh, kw) order) drawn evenly from the images of ``stat.pkl``; layers with small fan-in only
-    #: (:data:`cimstat.input_sample.SAMPLE_MAX_FAN_IN`). The engine takes expectations over it where moments
-    #: are not enough (the ADC of conv1: whole all-background patches are one point mass)
+    #: (S, K) float32 (float16 for wide layers): a fixed sample of S im2col input vectors of the layer
+    #: (patch rows in PyTorch's (C_in, kh, kw) order) drawn evenly from the images of ``stat.pkl``
+    #: (:func:`cimstat.input_sample.sample_size`; schema 4 had it for fan-in <= 512 only). The engine takes
+    #: its ADC and input-rounding expectations over it where moments are not enough (conv1: whole
+    #: all-background patches are one point mass; deeper layers: clipping at tight calibrated ranges)
     input_sample: np.ndarray | None = None
 
 

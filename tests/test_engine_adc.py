@@ -71,3 +71,46 @@ def test_bounded_nonnegative_partial_sum_uses_its_support():
     _, s = conversion_error(np.array([mu]), np.array([sd * sd]), np.zeros(1), delta, 0, hi, 0.0,
                             nonnegative=True, upper=upper)
     assert abs(10 * np.log10(s[0] / (err ** 2).mean())) < 0.2
+
+
+def test_thermal_noise_table_equals_the_pointwise_integral():
+    """With thermal noise alone the conditional ADC error is a function of the integer partial sum:
+    tabulated once per distinct value, it equals the element-by-element integral."""
+    from cimstat.engine.sampled_adc import _conditional_error, _pointwise_error
+
+    rng = np.random.default_rng(1)
+    p = rng.integers(-40, 300, size=(200, 7)).astype(np.float64)
+    for sigma_n in (0.1, 0.7, 3.0):
+        got = _conditional_error(p, None, 4.0, -31, 31, sigma_n)
+        want = _pointwise_error(p, None, 4.0, -31, 31, sigma_n)
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
+
+
+def test_distinct_rows_match_numpy_unique():
+    from cimstat.engine.sampled_adc import _unique_rows
+
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 4, size=(30, 50)).astype(np.int16)
+    codes = base[rng.integers(0, 30, size=400)]
+    rows, inverse = _unique_rows(codes)
+    np.testing.assert_array_equal(rows[inverse], codes)
+    assert len(rows) == len(np.unique(codes, axis=0))
+
+
+def test_narrow_partial_sum_closed_form_matches_sampling():
+    """P ~ N(μ, sd²) narrower than Δ/8 plus thermal noise: the Gaussian cell moments equal a sampled
+    E[(Q(P + n) - P)²] (the 5-point Gauss–Hermite rule they replace missed the jumps of the staircase)."""
+    from cimstat.engine.adc import _narrow_gaussian
+
+    rng = np.random.default_rng(3)
+    delta, lo, hi = 8.0, -15, 15
+    mu = np.array([3.9, 4.1, 11.7, 118.0, -125.0])
+    sd = np.array([0.3, 0.9, 0.5, 0.2, 0.8])
+    for sigma_n in (0.0, 0.4, 2.0):
+        mean, sq = _narrow_gaussian(mu, sd, delta, lo, hi, sigma_n)
+        p = mu[:, None] + sd[:, None] * rng.standard_normal((5, 400_000))
+        v = p + sigma_n * rng.standard_normal(p.shape)
+        err = np.clip(np.round(v / delta), lo, hi) * delta - p
+        np.testing.assert_allclose(mean, err.mean(1), atol=0.03)
+        np.testing.assert_allclose(sq, (err ** 2).mean(1), rtol=0.02, atol=0.05)

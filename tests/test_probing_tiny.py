@@ -262,3 +262,24 @@ def test_input_samples_are_real_patch_vectors():
         assert len(images_hit) == len(images), name
     few = collect_input_samples(folded, batches, len(images), size=40, max_fan_in=18, seed=3)
     assert set(few) == {"conv1", "fc"}
+
+
+def test_wide_layers_keep_a_smaller_float16_sample(monkeypatch):
+    """Layers above SMALL_FAN_IN keep about SAMPLE_ELEMENTS / K vectors (at least LARGE_SAMPLE_MIN) in
+    float16: the same patch vectors, rounded to half precision."""
+    import cimstat.input_sample as sampling
+
+    folded, images = _tiny()
+    batches = [(images[:5], None), (images[5:], None)]
+    full = sampling.collect_input_samples(folded, batches, len(images), size=40, seed=3)
+    monkeypatch.setattr(sampling, "SMALL_FAN_IN", 20)
+    monkeypatch.setattr(sampling, "SAMPLE_ELEMENTS", 36 * 6)
+    monkeypatch.setattr(sampling, "LARGE_SAMPLE_MIN", 3)
+    assert sampling.sample_size(18, 40) == 40 and sampling.sample_size(36, 40) == 6
+    got = sampling.collect_input_samples(folded, batches, len(images), size=40, seed=3)
+    assert got["conv1"].dtype == np.float32 and got["conv2"].dtype == np.float16
+    assert got["conv2"].shape == (6, 36)
+    assert full["conv2"].dtype == np.float32
+    direct = _direct_patches(folded, images)["conv2"][0].float().numpy().astype(np.float16).astype(np.float32)
+    match = np.abs(got["conv2"].astype(np.float32)[:, None, :] - direct[None, :, :]).max(-1) == 0
+    assert match.any(1).all()

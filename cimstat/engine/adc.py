@@ -187,11 +187,11 @@ def _table(grid: np.ndarray, delta: float, lo: int, hi: int, sigma_w: float, sig
 _TABLES: dict[tuple, tuple[int, np.ndarray, np.ndarray]] = {}
 
 
-def _integer_table(start: int, n: int, delta: float, lo: int, hi: int, sigma_w: float, sigma_n: float,
-                   dither: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_table` on the integers ``start .. start+n-1``, memoised per parameter set (the
-    table is pointwise, so a slice of a wider table holds the very same values)."""
-    key = (float(delta), int(lo), int(hi), float(sigma_w), float(sigma_n), float(dither))
+def _grid_table(start: int, n: int, h: float, delta: float, lo: int, hi: int, sigma_w: float, sigma_n: float,
+                dither: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_table` at the points ``h·(i + phase)``, ``i = start .. start+n-1`` (:func:`_phase`), memoised
+    per parameter set (the table is pointwise, so a slice of a wider table holds the very same values)."""
+    key = (float(h), float(delta), int(lo), int(hi), float(sigma_w), float(sigma_n), float(dither))
     hit = _TABLES.get(key)
     if hit is not None and hit[0] <= start and start + n <= hit[0] + len(hit[1]):
         i = start - hit[0]
@@ -199,7 +199,7 @@ def _integer_table(start: int, n: int, delta: float, lo: int, hi: int, sigma_w: 
     a, b = start, start + n
     if hit is not None:
         a, b = min(a, hit[0]), max(b, hit[0] + len(hit[1]))
-    grid = float(a) + np.arange(b - a, dtype=np.float64)
+    grid = h * (float(a) + _phase(h) + np.arange(b - a, dtype=np.float64))
     g, gm = _table(grid, delta, lo, hi, sigma_w, sigma_n, dither)
     if len(_TABLES) > 512:
         _TABLES.clear()
@@ -209,16 +209,23 @@ def _integer_table(start: int, n: int, delta: float, lo: int, hi: int, sigma_w: 
 
 
 def _grid(mu: np.ndarray, sd: np.ndarray, gamma: bool | float, h: float, delta: float, lo: int, hi: int,
-          sigma_w: float, align: bool) -> tuple[float, int]:
+          sigma_w: float) -> tuple[float, int]:
     """Start and size of the grid of :func:`_tabulated`: every element's ``μ ± span·σ`` and the ADC range."""
     span = 12.0 if gamma else 7.5
     margin = 9 * sigma_w + 2 * delta + 2 * h
     g_lo = min(lo * delta - margin, float((mu - span * sd).min()) - 2 * h)
     g_hi = max(hi * delta + margin, float((mu + span * sd).max()) + 2 * h)
-    if align:
-        g_lo, g_hi = math.floor(g_lo), math.ceil(g_hi)
-    n = int(round((g_hi - g_lo) / h)) + 1
-    return g_lo, n
+    # at h·(i + phase): every call with the same h and ADC shares one memoised table (:func:`_grid_table`)
+    phase = _phase(h)
+    i_lo, i_hi = math.floor(g_lo / h - phase), math.ceil(g_hi / h - phase)
+    return (i_lo + phase) * h, i_hi - i_lo + 1
+
+
+def _phase(h: float) -> float:
+    """Grid points at ``h·(i + phase)``: the integers on the lattice (``h = 1``); else midway between
+    multiples of ``h = Δ/16``, so no point falls on an ADC threshold ``(c + ½)Δ`` where g jumps (each
+    grid cell then holds a smooth piece of g: midpoint-rule error O(h²))."""
+    return 0.0 if h == 1.0 else 0.5
 
 
 def _bins(mu: np.ndarray, sd: np.ndarray, gamma: bool | float, h: float, g_lo: float, n: int):
@@ -239,14 +246,10 @@ def _bins(mu: np.ndarray, sd: np.ndarray, gamma: bool | float, h: float, g_lo: f
     return start, end, mass / count, total
 
 
-def _table_sums(g_lo: float, n: int, h: float, align: bool, delta: float, lo: int, hi: int, sigma_w: float,
+def _table_sums(g_lo: float, n: int, h: float, delta: float, lo: int, hi: int, sigma_w: float,
                 sigma_n: float, dither: float) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative sums (with a leading 0) of g and gm on the grid of :func:`_grid`."""
-    if align and h == 1.0:  # integer grid: pointwise values, shared by every call with these parameters
-        g, gm = _integer_table(int(g_lo), n, delta, lo, hi, sigma_w, sigma_n, dither)
-    else:
-        grid = g_lo + h * np.arange(n, dtype=np.float64)
-        g, gm = _table(grid, delta, lo, hi, sigma_w, sigma_n, dither)
+    g, gm = _grid_table(int(round(g_lo / h - _phase(h))), n, h, delta, lo, hi, sigma_w, sigma_n, dither)
     cg = np.empty(n + 1)
     cgm = np.empty(n + 1)
     cg[0] = cgm[0] = 0.0
@@ -263,27 +266,27 @@ def _apply_bins(bins, cg: np.ndarray, cgm: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _tabulated(mu: np.ndarray, sd: np.ndarray, gamma: bool, h: float, delta: float, lo: int, hi: int,
-               sigma_w: float, sigma_n: float, dither: float, align: bool):
+               sigma_w: float, sigma_n: float, dither: float):
     """``(E[err], E[err²])`` averaging the tabulated g against the distribution's CDF.
 
-    Grid spacing ``h`` (1 on the integer lattice, ``align``); every element's ``μ ± 12σ`` is
+    Grid spacing ``h`` (1 on the integer lattice); every element's ``μ ± 12σ`` is
     covered; bins of ``max(1, ⌊σ/(3h)⌋)`` grid points carry CDF mass × the bin mean of g.
     """
-    g_lo, n = _grid(mu, sd, gamma, h, delta, lo, hi, sigma_w, align)
+    g_lo, n = _grid(mu, sd, gamma, h, delta, lo, hi, sigma_w)
     return _apply_bins(_bins(mu, sd, gamma, h, g_lo, n),
-                       *_table_sums(g_lo, n, h, align, delta, lo, hi, sigma_w, sigma_n, dither))
+                       *_table_sums(g_lo, n, h, delta, lo, hi, sigma_w, sigma_n, dither))
 
 
-def _tabulated_many(mu, sd, gamma, h, delta, lo, hi, params, align, memo: dict):
+def _tabulated_many(mu, sd, gamma, h, delta, lo, hi, params, memo: dict):
     """:func:`_tabulated` for several ``(sigma_w, sigma_n, dither)``; the bins (the costly CDFs) are
     computed once per distinct grid (``memo``)."""
     out = []
     for sigma_w, sigma_n, dither in params:
-        g_lo, n = _grid(mu, sd, gamma, h, delta, lo, hi, sigma_w, align)
+        g_lo, n = _grid(mu, sd, gamma, h, delta, lo, hi, sigma_w)
         bins = memo.get((g_lo, n))
         if bins is None:
             bins = memo[(g_lo, n)] = _bins(mu, sd, gamma, h, g_lo, n)
-        out.append(_apply_bins(bins, *_table_sums(g_lo, n, h, align, delta, lo, hi, sigma_w, sigma_n, dither)))
+        out.append(_apply_bins(bins, *_table_sums(g_lo, n, h, delta, lo, hi, sigma_w, sigma_n, dither)))
     return out
 
 
@@ -337,7 +340,7 @@ def conversion_errors(mu: np.ndarray, var_signal: np.ndarray, var_device: np.nda
         table = (sd < max(2.0 * period, 4.0 * delta)) & (sd * 24 <= 400_000)
         if table.any():
             res = _tabulated_many(mu_c[table], sd[table], gamma, 1.0, delta, lo, hi,
-                                  [(sw, sn, dither) for sw, sn in zip(sigma_ws, sigma_ns)], True, memo)
+                                  [(sw, sn, dither) for sw, sn in zip(sigma_ws, sigma_ns)], memo)
             for i, (m, q) in enumerate(res):
                 means[i][table], sqs[i][table] = m, q
         wide = ~table
@@ -346,14 +349,14 @@ def conversion_errors(mu: np.ndarray, var_signal: np.ndarray, var_device: np.nda
         wide = sd >= 4 * delta
         narrow = ~wide
         h = delta / 16
-        point = narrow & (sd < 2 * h)   # narrower than the grid: 5-point Gauss–Hermite on g itself
+        point = narrow & (sd < 2 * h)   # narrower than the grid: Gaussian cell moments in closed form
         narrow = narrow & ~point
         if point.any():
             for i, sigma_n in enumerate(sigma_ns):
-                means[i][point], sqs[i][point] = _gauss_hermite(mu_c[point], sd[point], delta, lo, hi, sigma_n)
+                means[i][point], sqs[i][point] = _narrow_gaussian(mu_c[point], sd[point], delta, lo, hi, sigma_n)
         if narrow.any():
             res = _tabulated_many(mu_c[narrow], sd[narrow], gamma, h, delta, lo, hi,
-                                  [(sn, sn, 0.0) for sn in sigma_ns], False, memo)
+                                  [(sn, sn, 0.0) for sn in sigma_ns], memo)
             for i, (m, q) in enumerate(res):
                 means[i][narrow], sqs[i][narrow] = m, q
     if wide.any():
@@ -424,17 +427,27 @@ def _inner_probability(mu: np.ndarray, s: np.ndarray, delta: float, lo: int, hi:
     return np.maximum(c[:, 1] - c[:, 0], 0.0)
 
 
-def _hermite_nodes(n: int) -> tuple[np.ndarray, np.ndarray]:
-    t, w = np.polynomial.hermite_e.hermegauss(n)
-    return t, w / w.sum()
-
-
-_HERMITE_5 = _hermite_nodes(5)
-
-
-def _gauss_hermite(mu: np.ndarray, sd: np.ndarray, delta: float, lo: int, hi: int, sigma_n: float):
-    """E[g(P)] for a narrow continuous P ~ N(μ, sd²) by 5-point Gauss–Hermite on g."""
-    t, w = _HERMITE_5
-    pts = (mu[:, None] + sd[:, None] * t[None]).ravel()
-    g, gm = _table(pts, delta, lo, hi, sigma_n, sigma_n, 0.0)
-    return gm.reshape(-1, 5) @ w, g.reshape(-1, 5) @ w
+def _narrow_gaussian(mu: np.ndarray, sd: np.ndarray, delta: float, lo: int, hi: int, sigma_n: float):
+    """``(E[err], E[err²])`` for a narrow P ~ N(μ, sd²) (sd < Δ/8) under thermal noise σ_n, in closed form:
+    ``v = μ + w`` with ``w ~ N(0, sd² + σ_n²)``, ``err = (Q(v) - v) + n`` and ``E[n | w] = (σ_n²/s_w²)·w``
+    give ``E[err²] = E[(Q(v)-v)²] + σ_n² + 2(σ_n²/s_w²)·E[(Q(v)-v)·w]`` (Gaussian cell moments; exact
+    for a Gaussian P, where 5-point Gauss–Hermite on the jumps of g was not)."""
+    s_w = np.sqrt(sd * sd + sigma_n ** 2)
+    mean = np.empty_like(mu)
+    sq = np.empty_like(mu)
+    zero = s_w <= 1e-12 * delta
+    if zero.any():
+        err = np.clip(np.round(mu[zero] / delta), lo, hi) * delta - mu[zero]
+        mean[zero], sq[zero] = err, err * err
+    idx = np.flatnonzero(~zero)
+    if idx.size:
+        n_cells = int(min(hi - lo + 1, 2 * math.ceil(9 * float(s_w[idx].max()) / delta) + 3))
+        step = max(1, 2_000_000 // n_cells)
+        for a in range(0, idx.size, step):
+            i = idx[a:a + step]
+            first = np.clip(np.round(mu[i] / delta) - n_cells // 2, lo, max(lo, hi - n_cells + 1))
+            codes = first[:, None] + np.arange(n_cells)[None]
+            m, q, cross = _cell_moments(mu[i], s_w[i], codes, delta, lo, hi)
+            mean[i] = m
+            sq[i] = q + sigma_n ** 2 + 2 * (sigma_n ** 2 / (s_w[i] * s_w[i])) * cross
+    return mean, np.maximum(sq, 0.0)

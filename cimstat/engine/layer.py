@@ -412,7 +412,7 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
     def run(sigma: float) -> SampledError:
         key = ("sadc", repr(cfg), signed, x_range, table.tobytes(), sigma)
         return model.cached(key, lambda: sampled_adc_error(model.input_sample, model.weight, cfg, signed, x_range,
-                                                           table, convs, noise_terms, sigma))
+                                                           table, convs, noise_terms, sigma, model.cached))
     sigma = float(cfg.adc_thermal_noise_lsb)
     t = run(sigma)  # the error with every noise present
     q_energy = t.energy

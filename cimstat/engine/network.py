@@ -157,7 +157,7 @@ class Engine:
                     raise EstimationError(f"noise_prop.pkl has no propagation data for layer {n!r}")
                 lp = noise_prop.layers[n]
                 if lp.input_sample is not None:
-                    self.layers[n].input_sample = np.asarray(lp.input_sample, dtype=np.float64)
+                    self.layers[n].input_sample = np.asarray(lp.input_sample, dtype=np.float32)
                 cls = np.asarray(lp.weight_sens_class, dtype=np.float64)
                 share = cls / np.maximum(cls.sum(1, keepdims=True), 1e-300)
                 self._prop[n] = (np.asarray(lp.ratio, dtype=np.float64), np.asarray(lp.weight_sens, dtype=np.float64),
