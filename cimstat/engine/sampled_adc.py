@@ -23,8 +23,8 @@ The only approximations left are the finite sample (8192 vectors for fan-in <= 5
 the same images the other statistics describe; an evenly strided part of it where the element budgets
 below would be exceeded — e.g. about 80 vectors x 512 channels of a 4608-input layer with 1-bit input
 slices), float16 storage of the wide layers' vectors, and the Gaussian shape of the device deviation of
-one partial sum (a sum over the tile's devices). On the validation sweep's 25 configurations the layers'
-isolated SNRs are within 0.65 dB of the Monte Carlo (median 0.03). Distinct code vectors are found by
+one partial sum (a sum over the tile's devices). On the validation sweep's 26 configurations
+(``docs/validation.md``) the layers' isolated SNRs are within 0.66 dB of the Monte Carlo (median 0.03). Distinct code vectors are found by
 a 64-bit hash of each vector (checked, exact fallback); with thermal noise alone the conditional error
 is tabulated per distinct integer partial sum.
 """
@@ -193,8 +193,7 @@ def _distinct_codes(sample: np.ndarray, cfg: LayerConfig, signed: bool, x_range:
         part = sample if rows is None else sample[rows]
         codes, inverse = _unique_rows(sample_codes(part, cfg, signed, x_range).astype(np.int16))
         return codes, inverse, rows
-    key = ("sample_codes", cfg.input_bits, bool(signed), float(x_range), keep)
-    return build() if cache is None else cache(key, build)
+    return cache(("sample_codes", cfg.input_bits, bool(signed), float(x_range), keep), build)
 
 
 def _no_cache(key: tuple, build):
@@ -212,6 +211,7 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
     ADC thermal noise in LSBs (0 for the quantization-only error); ``cache(key, build)``: where the
     config-independent pieces (distinct code vectors, float outputs of the sample) are kept between calls.
     """
+    cache = cache or _no_cache
     c_out, k = weight.shape
     n_rows = cfg.n_rows(k)
     dev_terms = {(li, devs): noise_terms(li, devs) for li, conv_list in enumerate(conversions)
@@ -269,7 +269,7 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
                         m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
                         det += w * m
                         rand += w * w * v
-    y = (cache or _no_cache)(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
+    y = cache(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
                              @ np.asarray(weight, dtype=np.float64).T)
     return _split(det[inverse], rand[inverse], y if rows is None else y[rows])
 
