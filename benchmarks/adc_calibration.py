@@ -1,15 +1,17 @@
-"""Analytic vs profiled ADC ranges on the default model: ranges side by side and Monte Carlo top-1.
+"""Sampled (default) or analytic vs profiled ADC ranges on the default model: ranges side by side, MC top-1.
 
 Design (issue 7 evidence): 8-bit inputs in 2-bit slices (calibrated input ranges), 4-bit differential
 weights in 2-bit slices, 256 rows per array, no device noise, ADC bits 3..8.
 
-For each ADC resolution: the analytic ranges (probe statistics only), the profiled ones (one Monte Carlo
+For each ADC resolution: the ranges of ``--method`` (``sampled``: partial sums of the probed input sample;
+``analytic``: modelled from the probe statistics), the profiled ones (one Monte Carlo
 pass over probe images with ideal ADCs, histograms of the observed partial sums, shared by every
 resolution), the empirical ADC error of both on the profiled histograms, and MC top-1 on evenly spaced
-validation images (1 chip) with ``max``, analytic and profiled ranges.
+validation images (1 chip) with ``max``, ``--method`` and profiled ranges.
 
     python benchmarks/adc_calibration.py --bits 3 4 5 6 7 8 --mc-images 300 --profile-images 256
     python benchmarks/adc_calibration.py --bits 3 --mc-images 0          # ranges and errors only
+    python benchmarks/adc_calibration.py --method analytic --bits 4 6    # the statistics-only model
 
 Prints as it goes (run with ``python -u`` when writing to a file).
 """
@@ -48,13 +50,16 @@ def main() -> None:
     ap.add_argument("--profile-images", type=int, default=256)
     ap.add_argument("--layers", default="conv1,layer1.0.conv1,layer2.0.conv2,layer3.1.conv1,layer4.1.conv2,fc",
                     help="layers whose ranges are printed side by side")
-    ap.add_argument("--runs", default="max,analytic,profiled", help="which ranges to measure with the MC")
+    ap.add_argument("--method", choices=("sampled", "analytic"), default="sampled",
+                    help="calibration compared with the profiled one")
+    ap.add_argument("--runs", default="max,method,profiled", help="which ranges to measure with the MC")
     ap.add_argument("--probes", default=None, help="probe folder (default: the cached default probes)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    stats = load_probes(args.probes or ensure_default_probes(progress=False)).stats
+    probes = load_probes(args.probes or ensure_default_probes(progress=False))
+    stats = probes.stats
     model = models.load("default")
     show = [n for n in args.layers.split(",") if n]
 
@@ -75,11 +80,10 @@ def main() -> None:
     for bits in args.bits:
         config = design(bits)
         t0 = time.perf_counter()
-        ana_ctx = Calibrations(None, model=model)
-        analytic = resolve(config, stats, ana_ctx)
+        chosen = resolve(config, probes, Calibrations(None, model=model, method=args.method))
         t_ana = time.perf_counter() - t0
         profiled: dict = {}
-        for name, r in analytic.items():
+        for name, r in chosen.items():
             cfg = config.layer(name)
             table = cfg.adc_max_range(r.ranges.signed_input, int(stats.layers[name].fan_in))
             best = np.empty_like(table)
@@ -89,11 +93,11 @@ def main() -> None:
                                                   cfg.adc_signed, cfg.adc_thermal_noise_lsb)[0]
             profiled[name] = ResolvedLayer(name, cfg, LayerRanges(r.ranges.signed_input, r.ranges.input_range,
                                                                   best))
-        print(f"\n## ADC {bits} bits (analytic calibration of the whole network: {t_ana:.1f} s)")
-        print(f"{'layer':18s} {'slice':>5s} {'analytic R':>11s} {'profiled R':>11s} {'ratio':>6s} "
-              f"{'err ana/opt':>11s}")
+        print(f"\n## ADC {bits} bits ({args.method} calibration of the whole network: {t_ana:.1f} s)")
+        print(f"{'layer':18s} {'slice':>5s} {args.method + ' R':>11s} {'profiled R':>11s} {'ratio':>6s} "
+              f"{'err/opt':>11s}")
         excess, layer_ratio = [], []
-        for name, r in analytic.items():
+        for name, r in chosen.items():
             cfg = config.layer(name)
             a_tab, p_tab = r.ranges.adc_range, profiled[name].ranges.adc_range
             # shift-and-add weight of each conversion's error in the layer output
@@ -115,27 +119,27 @@ def main() -> None:
             layer_ratio.append((name, (tot[0] + 1e-300) / (tot[1] + 1e-300)))
         ratios = np.array([e[3] for e in excess])
         worst = sorted(excess, key=lambda e: -e[3])[:5]
-        print(f"empirical ADC error analytic/profiled-optimum over {ratios.size} conversions: median "
+        print(f"empirical ADC error {args.method}/profiled-optimum over {ratios.size} conversions: median "
               f"{np.median(ratios):.3f}, 90 % {np.quantile(ratios, 0.9):.3f}, max {ratios.max():.3f} "
               f"(worst: {', '.join(f'{n}[{i},{j}] {v:.2f}' for n, i, j, v in worst)})")
         lr = np.array([v for _, v in layer_ratio])
         worst_l = max(layer_ratio, key=lambda e: e[1])
-        print(f"per layer, shift-and-add weighted ADC error analytic/profiled: median {np.median(lr):.3f}, "
+        print(f"per layer, shift-and-add weighted ADC error {args.method}/profiled: median {np.median(lr):.3f}, "
               f"max {lr.max():.3f} ({worst_l[0]})")
         if args.mc_images > 0:
             plain = _max_config(config)
             runs = {"max": lambda: (plain, resolve(plain, stats, Calibrations(None, model=model))),
-                    "analytic": lambda: (config, analytic), "profiled": lambda: (config, profiled)}
+                    "method": lambda: (config, chosen), "profiled": lambda: (config, profiled)}
             top1 = {k: float("nan") for k in runs}
             for label in args.runs.split(","):
                 cfg_, res = runs[label]()
                 out = measure(model, cfg_, res, loader, 1, isolated=False, progress=False)
                 top1[label] = 100 * out.top1_mean
-            rows.append((bits, top1["max"], top1["analytic"], top1["profiled"]))
-            print(f"MC top-1 ({len(picks)} validation images, 1 chip): max {top1['max']:.2f} %, analytic "
-                  f"{top1['analytic']:.2f} %, profiled {top1['profiled']:.2f} %, float {100 * out.float_top1:.2f} %")
+            rows.append((bits, top1["max"], top1["method"], top1["profiled"]))
+            print(f"MC top-1 ({len(picks)} validation images, 1 chip): max {top1['max']:.2f} %, {args.method} "
+                  f"{top1['method']:.2f} %, profiled {top1['profiled']:.2f} %, float {100 * out.float_top1:.2f} %")
     if rows:
-        print("\n| ADC bits | max | calibrated (analytic) | calibrated (profiled) | analytic - profiled |")
+        print(f"\n| ADC bits | max | calibrated ({args.method}) | calibrated (profiled) | {args.method} - profiled |")
         print("|---|---|---|---|---|")
         for bits, m, a, p in rows:
             print(f"| {bits} | {m:.2f} | {a:.2f} | {p:.2f} | {a - p:+.2f} pp |")

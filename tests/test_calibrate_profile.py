@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cimstat.calibrate.profile import empirical_adc_error, profiled_adc_calibrat
 from cimstat.cli import run_cli
 from cimstat.errors import CalibrationError
 from cimstat.hardware import HardwareConfig, LayerConfig
+from cimstat.input_sample import collect_input_samples
 from cimstat.models import weights_fingerprint
 from cimstat.network import fold_batchnorm
 from cimstat.probes import ActivationStats, write_stats
@@ -78,12 +80,57 @@ def test_profiled_one_pass_for_all_layers_and_matches_empirical_optimum(tiny, tm
         assert e_an.sum() < e_max.sum() and e_an.sum() <= 3 * e_prof.sum()
 
 
+def _with_samples(model, stats, batches, layers=None):
+    """Probes holding an input sample of ``layers`` (all): every im2col vector of the 24 probe images."""
+    samples = collect_input_samples(fold_batchnorm(model), batches, 24)
+    noise = SimpleNamespace(meta={"created": "test"},
+                            layers={n: SimpleNamespace(input_sample=v) for n, v in samples.items()
+                                    if layers is None or n in layers})
+    return SimpleNamespace(stats=stats, noise_prop=noise)
+
+
+@pytest.mark.parametrize("knobs", [{}, {"signed_input_encoding": "offset", "weight_encoding": "offset",
+                                        "weight_slice_bits": (2, 2)},
+                                   {"adc_mode": "separate", "input_slice_bits": 1, "rows_per_array": 5}])
+def test_sampled_equals_profiled_when_the_sample_is_every_input(tiny, tmp_path, knobs):
+    # the sample holds every input vector of the probe images: the partial sums are the profiled ones
+    # (passes, slices, encodings, tiles and polarities re-derived independently of the simulator)
+    model, stats, batches = tiny
+    probes = _with_samples(model, stats, batches)
+    assert all(v.input_sample.shape[0] == n for v, n in
+               zip(probes.noise_prop.layers.values(), (24 * 64, 24 * 16, 24)))
+    cfg = CFG.replace(**knobs)
+    sampled = Calibrations(tmp_path, model=model)
+    res = resolve(cfg, probes, sampled)
+    prof = Calibrations(None, model=model, method="profiled", profile_loader=batches)
+    res_prof = resolve(cfg, stats, prof)
+    for name in res:
+        rec, rec_prof = sampled.records[("adc", name)], prof.records[("adc", name)]
+        assert rec["method"] == "sampled"
+        np.testing.assert_allclose(res[name].ranges.adc_range, res_prof[name].ranges.adc_range, rtol=1e-3)
+        np.testing.assert_allclose(rec["expected_error"], rec_prof["expected_error"], rtol=1e-3, atol=1e-9)
+    # stored under its own key: found next time, not recomputed
+    again = Calibrations(tmp_path, model=model)
+    resolve(cfg, probes, again)
+    assert again.store.computed == 0
+
+
+def test_sampled_broadens_by_device_noise(tiny):
+    # programming error spreads the currents the ADC sees: its calibrated range grows
+    model, stats, batches = tiny
+    probes = _with_samples(model, stats, batches)
+    quiet = resolve(CFG, probes, Calibrations(None, model=model))
+    noisy = resolve(CFG.replace(programming_error=0.2), probes, Calibrations(None, model=model))
+    for name in quiet:
+        assert noisy[name].ranges.adc_range.sum() > quiet[name].ranges.adc_range.sum()
+
+
 def test_profiled_layers_mix_methods(tiny, tmp_path):
+    # the sampled default falls back to analytic where the probes hold no sample of the layer
     model, stats, batches = tiny
     cal = Calibrations(tmp_path, model=model, profiled_layers=["conv1"], profile_loader=batches)
-    resolve(CFG, stats, cal)
-    assert [cal.method_of(n) for n in stats.layers] == ["profiled", "analytic", "analytic"]
-    assert [cal.records[("adc", n)]["method"] for n in stats.layers] == ["profiled", "analytic", "analytic"]
+    resolve(CFG, _with_samples(model, stats, batches, ["conv2"]), cal)
+    assert [cal.records[("adc", n)]["method"] for n in stats.layers] == ["profiled", "sampled", "analytic"]
     with pytest.raises(CalibrationError, match="nope"):
         resolve(CFG, stats, Calibrations(None, model=model, profiled_layers=["nope"]))
 

@@ -3,7 +3,7 @@
 Prints one line per analog layer (input sign, input range chosen vs ``max``, ADC range per
 (input slice, weight slice) and the expected ADC error relative to the ``max`` range) and
 stores the calibrations under ``DIR/calibrations`` (keyed by everything they depend on; found
-there next time). ``--compare`` computes the analytic and the profiled ADC ranges side by side;
+there next time). ``--compare`` computes the sampled, analytic and profiled ADC ranges side by side;
 ``--mc-images N`` measures Monte Carlo top-1 on N validation images with ``max`` and with the
 calibrated ranges.
 """
@@ -40,7 +40,7 @@ def _max_config(config: HardwareConfig) -> HardwareConfig:
 def print_ranges(resolved: dict, calibrations: Any, stats: Any, title: str) -> None:
     print(f"# {title}")
     print(f"{'layer':24s} {'sign':>4s} {'x_max':>9s} {'max|x|':>9s}  ADC range R [input slice; weight slice]"
-          "  (expected ADC error / error at max)")
+          "  (expected ADC error / error at max, method)")
     for name, r in resolved.items():
         ls = stats.layers[name]
         abs_max = max(abs(float(ls.input_min)), abs(float(ls.input_max)))
@@ -49,26 +49,27 @@ def print_ranges(resolved: dict, calibrations: Any, stats: Any, title: str) -> N
         ratio = ""
         if rec is not None:
             err, err_max = np.asarray(rec["expected_error"]), np.asarray(rec["expected_error_max"])
-            ratio = f"  ({float(err.sum()) / max(float(err_max.sum()), 1e-300):.3g})"
+            ratio = f"  ({float(err.sum()) / max(float(err_max.sum()), 1e-300):.3g}, {rec.get('method', '?')})"
         print(f"{name:24s} {'±' if r.ranges.signed_input else '+':>4s} {x:>9s} {abs_max:9.4g}  "
               f"{_fmt_table(r.ranges.adc_range)}{ratio}")
 
 
 def main(argv: list[str] | None = None) -> int:
     from cimstat import models
-    from cimstat.calibrate.ranges import Calibrations, resolve
+    from cimstat.calibrate.ranges import METHODS, Calibrations, resolve
     from cimstat.probes import load_probes
 
     ap = argparse.ArgumentParser(prog="python -m cimstat.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--probes", required=True, help="probe folder holding stat.pkl")
     ap.add_argument("--config", required=True, help="hardware config: preset name, .json or .py file")
-    ap.add_argument("--method", choices=("analytic", "profiled"), default="analytic",
-                    help="ADC calibration from probe statistics (analytic) or Monte Carlo partial sums (profiled)")
-    ap.add_argument("--compare", action="store_true", help="compute analytic and profiled ADC ranges side by side")
+    ap.add_argument("--method", choices=METHODS, default="sampled",
+                    help="ADC calibration from the partial sums of the probed input sample (sampled), modelled from "
+                         "the probe statistics (analytic) or from Monte Carlo partial sums (profiled)")
+    ap.add_argument("--compare", action="store_true", help="compute the ADC ranges of every method side by side")
     ap.add_argument("--profile-images", type=int, default=256, help="probe-split images for profiling")
     ap.add_argument("--profiled-layers", default="",
-                    help="comma-separated layers whose ADC ranges are profiled even with --method analytic")
+                    help="comma-separated layers whose ADC ranges are profiled whatever --method is")
     ap.add_argument("--weights", default=None, help="model weights file (models other than 'default')")
     ap.add_argument("--mc-images", type=int, default=0,
                     help="also measure MC top-1 on this many validation images with max and calibrated ranges")
@@ -82,15 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     model_name = stats.meta.get("model")
     model = models.load(model_name, args.weights) if (args.weights or model_name == "default") else None
     store = probes.directory / "calibrations"
-    methods = ("analytic", "profiled") if args.compare else (args.method,)
+    methods = METHODS if args.compare else (args.method,)
     results = {}
     for method in methods:
         cal = Calibrations(store, model=model, method=method, profile_images=args.profile_images,
                            profiled_layers=[n for n in args.profiled_layers.split(",") if n],
                            progress=args.progress)
         t0 = time.perf_counter()
-        resolved = resolve(config, stats, cal)
-        results[method] = resolved
+        resolved = resolve(config, probes, cal)
+        used = sorted({rec.get("method", method) for (kind, _), rec in cal.records.items() if kind == "adc"})
+        results["/".join(used) or method] = resolved
         print_ranges(resolved, cal, stats, f"{method} calibration ({time.perf_counter() - t0:.1f} s; computed "
                                            f"{cal.store.computed}, found {cal.store.loaded} in {store})")
     if args.mc_images > 0:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         picks = np.unique(np.linspace(0, len(val) - 1, min(args.mc_images, len(val))).round().astype(int))
         loader = DataLoader(Subset(val, picks.tolist()), batch_size=100)
         plain = _max_config(config)
-        runs = [("max", plain, resolve(plain, stats, Calibrations(store, model=model)))]
+        runs = [("max", plain, resolve(plain, probes, Calibrations(store, model=model)))]
         runs += [(f"calibrated ({m})", config, r) for m, r in results.items()]
         print(f"# Monte Carlo top-1 on {len(picks)} validation images, evenly spaced (chip seed {config.seed})")
         for label, cfg, res in runs:

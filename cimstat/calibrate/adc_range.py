@@ -52,7 +52,7 @@ from cimstat.calibrate.input_range import SUBSAMPLES, quantize_input_codes
 __all__ = ["AdcCalibration", "PartialSumMixture", "FactorComponents", "weight_codes", "weight_conversions",
            "input_pass_pmfs", "analytic_partial_sums", "partial_sum_mixture", "factor_partial_sums",
            "factor_mixture", "analytic_mixtures", "skewed_quantiles", "latent_transfer", "adc_error",
-           "choose_adc_range", "analytic_adc_calibration", "empirical_mixture", "PARTIAL_SUM_KURTOSIS"]
+           "choose_adc_range", "analytic_adc_calibration", "calibration_from_mixtures", "empirical_mixture", "PARTIAL_SUM_KURTOSIS"]
 
 MAX_LATTICE = 8192
 """Most support points of a pooled partial-sum pmf (coarser bins beyond that span)."""
@@ -464,13 +464,18 @@ def analytic_adc_calibration(ls: Any, spec: Any, cfg: LayerConfig, signed: bool,
     if wm.shape[1] != int(ls.fan_in):
         raise CalibrationError(f"layer {ls.name}: weights have {wm.shape[1]} inputs per output but the probes "
                                f"record fan_in {ls.fan_in}; probes and model do not match")
-    r_max = cfg.adc_max_range(signed, int(ls.fan_in))
-    mixtures = analytic_mixtures(ls, wm, cfg, signed, x_max)
+    return calibration_from_mixtures(analytic_mixtures(ls, wm, cfg, signed, x_max),
+                                     cfg.adc_max_range(signed, int(ls.fan_in)), cfg, "analytic")
+
+
+def calibration_from_mixtures(mixtures: dict[tuple[int, int], PartialSumMixture], r_max: np.ndarray,
+                              cfg: LayerConfig, method: str) -> AdcCalibration:
+    """:func:`choose_adc_range` for every (input slice, weight slice) pmf of ``mixtures``."""
     best, err, err_max = (np.empty_like(r_max) for _ in range(3))
     for (j, s), mix in mixtures.items():
         best[j, s], err[j, s], err_max[j, s] = choose_adc_range(
             mix, float(r_max[j, s]), cfg.adc_bits, cfg.adc_signed, cfg.adc_thermal_noise_lsb)
-    return AdcCalibration(best, r_max, err, err_max, "analytic")
+    return AdcCalibration(best, r_max, err, err_max, method)
 
 
 _MIXTURE_CACHE: dict[tuple, dict[tuple[int, int], PartialSumMixture]] = {}

@@ -4,12 +4,15 @@ For each analog layer of the probes: ``signed_input`` from the probes; the input
 explicit number, ``max`` (largest |x| seen in probing) or ``calibrated``
 (:mod:`cimstat.calibrate.input_range`); the ADC range per (input slice, weight slice) an
 explicit number (broadcast), an explicit table (shape checked), ``max``
-(``LayerConfig.adc_max_range``) or ``calibrated`` (:mod:`cimstat.calibrate.adc_range`,
-analytic from the probe statistics, or profiled from Monte Carlo partial sums). Calibrations
-come from a :class:`Calibrations` context: looked up in its store, computed when missing.
+(``LayerConfig.adc_max_range``) or ``calibrated``: from the exact partial sums of the probed input
+sample (:mod:`cimstat.calibrate.sampled_adc_range`, the default), modelled from the probe statistics
+(:mod:`cimstat.calibrate.adc_range`, ``analytic``; also where the probes hold no sample), or profiled
+from Monte Carlo partial sums. Calibrations come from a :class:`Calibrations` context: looked up in its
+store, computed when missing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -20,11 +23,31 @@ from cimstat.hardware import HardwareConfig, LayerConfig, LayerRanges, RangeMode
 from cimstat.calibrate.input_range import calibrate_input_range, input_distribution
 from cimstat.calibrate.store import CalibrationStore
 
-__all__ = ["resolve", "Calibrations", "probe_identity", "input_key", "adc_key", "METHODS"]
+__all__ = ["resolve", "Calibrations", "InputSample", "input_samples", "probe_identity", "input_key", "adc_key", "METHODS"]
 
-METHODS = ("analytic", "profiled")
+METHODS = ("sampled", "analytic", "profiled")
 ALGORITHM_VERSION = 7
 """Part of every key: bump when a calibration algorithm changes, so stored results are recomputed."""
+
+
+@dataclass(frozen=True)
+class InputSample:
+    """A layer's probed input vectors (``noise_prop.pkl``) and what identifies them in a calibration key."""
+
+    vectors: np.ndarray
+    """(S, K) im2col input vectors, layer input units."""
+    identity: str
+    """The noise-propagation file's creation stamp and the sample's shape."""
+
+
+def input_samples(probes: Any) -> dict[str, InputSample]:
+    """The input sample of every layer that has one (``ProbeSet`` with noise propagation; else empty)."""
+    noise = getattr(probes, "noise_prop", None)
+    if noise is None:
+        return {}
+    created = _meta_get(getattr(noise, "meta", {}) or {}, "created")
+    return {name: InputSample(lp.input_sample, f"{created}:{tuple(lp.input_sample.shape)}")
+            for name, lp in noise.layers.items() if getattr(lp, "input_sample", None) is not None}
 
 
 def _meta_get(meta: Any, field: str, default: Any = None) -> Any:
@@ -68,20 +91,20 @@ class Calibrations:
     ``directory``: the store (``<probe dir>/calibrations``); None keeps them in memory.
     ``model``: the float model the probes were made from (needed for ADC calibration: its
     batch-norm-folded weights); None loads ``probes.meta['model']`` (the default model only)
-    and checks its fingerprint against the probes. ``method``: ``analytic`` (probe statistics)
-    or ``profiled`` (Monte Carlo partial sums on ``profile_images`` images of the probe split, or
-    the batches of ``profile_loader``); ``profiled_layers``: layers profiled even when ``method`` is
-    ``analytic`` (e.g. ``conv1`` of the default model, whose constant image background the
-    analytic model misses).
+    and checks its fingerprint against the probes. ``method``: ``sampled`` (exact partial sums of the
+    probed input sample; layers whose probes hold no sample fall back to ``analytic``), ``analytic``
+    (modelled from the probe statistics) or ``profiled`` (Monte Carlo partial sums on
+    ``profile_images`` images of the probe split, or the batches of ``profile_loader``);
+    ``profiled_layers``: layers profiled whatever ``method`` is.
     """
 
-    def __init__(self, directory: str | Path | None = None, *, model: Any = None, method: str = "analytic",
+    def __init__(self, directory: str | Path | None = None, *, model: Any = None, method: str = "sampled",
                  profile_images: int = 256, profile_batch_size: int = 64, profile_loader: Any = None,
                  profiled_layers: Iterable[str] = (), progress: bool = False) -> None:
         if method not in METHODS:
             raise CalibrationError(f"method={method!r} is not allowed; expected one of {METHODS}")
         self.profiled_layers = frozenset(profiled_layers)
-        """Layers whose ADC ranges are profiled even when ``method`` is ``analytic``."""
+        """Layers whose ADC ranges are profiled whatever ``method`` is."""
         self.store = directory if isinstance(directory, CalibrationStore) else CalibrationStore(directory)
         self.method = method
         self.profile_images = int(profile_images)
@@ -122,9 +145,12 @@ class Calibrations:
         return self._model
 
     # ---- get-or-compute ---------------------------------------------------------------
-    def method_of(self, layer: str) -> str:
-        """``profiled`` or ``analytic``: how the ADC ranges of ``layer`` are calibrated."""
-        return "profiled" if layer in self.profiled_layers else self.method
+    def method_of(self, layer: str, has_sample: bool = True) -> str:
+        """``sampled``, ``analytic`` or ``profiled``: how the ADC ranges of ``layer`` are calibrated
+        (``sampled`` needs the layer's input sample: ``analytic`` without one)."""
+        if layer in self.profiled_layers:
+            return "profiled"
+        return "analytic" if self.method == "sampled" and not has_sample else self.method
 
     def _input_range_for(self, stats: Any, layer: str, cfg: LayerConfig, signed: bool) -> float:
         if isinstance(cfg.input_range, float):
@@ -146,17 +172,28 @@ class Calibrations:
         return float(value["input_range"])
 
     def adc_range(self, stats: Any, layer: str, cfg: LayerConfig, signed: bool, input_range: float,
-                  config: HardwareConfig | None = None) -> np.ndarray:
+                  config: HardwareConfig | None = None, sample: InputSample | None = None) -> np.ndarray:
         """The ADC range table of ``layer`` (stored, or computed and stored); ``config`` (the whole
-        design) is needed by the profiled method, which calibrates every layer in one pass."""
+        design) is needed by the profiled method, which calibrates every layer in one pass; ``sample``
+        (the layer's probed input vectors) by the sampled method."""
         from cimstat.calibrate import adc_range as adc
 
         shape = cfg.adc_max_range(signed, stats.layers[layer].fan_in).shape
-        method = self.method_of(layer)
-        extra = ({"profile_images": self.profile_images, "chip_seed": None if config is None else config.seed,
-                  "profile_loader": self.profile_loader is not None} if method == "profiled" else None)
+        method = self.method_of(layer, sample is not None)
+        extra: dict[str, Any] | None = None
+        if method == "profiled":
+            extra = {"profile_images": self.profile_images, "chip_seed": None if config is None else config.seed,
+                     "profile_loader": self.profile_loader is not None}
+        elif method == "sampled":
+            extra = {"sample": sample.identity}
         key = adc_key(stats, layer, cfg, signed, input_range, method, extra)
-        if method == "analytic":
+        if method == "sampled":
+            def compute() -> dict[str, Any]:
+                from cimstat.calibrate.sampled_adc_range import sampled_adc_calibration
+
+                spec = self.layer_specs(stats)[layer]
+                return sampled_adc_calibration(sample.vectors, spec, cfg, signed, input_range, layer).to_json()
+        elif method == "analytic":
             def compute() -> dict[str, Any]:
                 spec = self.layer_specs(stats)[layer]
                 return adc.analytic_adc_calibration(stats.layers[layer], spec, cfg, signed, input_range).to_json()
@@ -195,8 +232,9 @@ def _explicit_adc_table(name: str, cfg: LayerConfig, value: Any, shape: tuple[in
 
 def resolve(config: HardwareConfig | str | Path | Mapping[str, Any], probes: Any,
             calibrations: Calibrations | CalibrationStore | str | Path | None = None) -> dict[str, ResolvedLayer]:
-    """``{layer name: ResolvedLayer}`` for every analog layer of ``probes`` (``ActivationStats`` or
-    ``ProbeSet``), in execution order, every range a number.
+    """``{layer name: ResolvedLayer}`` for every analog layer of ``probes`` (``ProbeSet``, whose input
+    samples serve the ``sampled`` ADC calibration, or ``ActivationStats`` alone, which leaves it the
+    ``analytic`` one), in execution order, every range a number.
 
     ``calibrations``: a :class:`Calibrations`, a store directory, or None: then
     ``<probes.directory>/calibrations`` for a ``ProbeSet`` loaded from disk, else in memory.
@@ -208,6 +246,7 @@ def resolve(config: HardwareConfig | str | Path | Mapping[str, Any], probes: Any
     if not isinstance(layers, Mapping) or not layers:
         raise CalibrationError("resolve needs probe statistics with per-layer entries (ActivationStats.layers)")
     config.check_layer_names(list(layers))
+    samples = input_samples(probes)
     if calibrations is None and getattr(probes, "directory", None) is not None:
         calibrations = Path(probes.directory) / "calibrations"
     if not isinstance(calibrations, Calibrations):
@@ -242,7 +281,7 @@ def resolve(config: HardwareConfig | str | Path | Mapping[str, Any], probes: Any
             if cfg.adc_range is RangeMode.MAX:
                 adc = max_table
             elif cfg.adc_range is RangeMode.CALIBRATED:
-                adc = calibrations.adc_range(stats, name, cfg, signed, x_range, config)
+                adc = calibrations.adc_range(stats, name, cfg, signed, x_range, config, samples.get(name))
             else:
                 adc = _explicit_adc_table(name, cfg, cfg.adc_range, max_table.shape)
         out[name] = ResolvedLayer(name, cfg, LayerRanges(signed, x_range, adc))

@@ -74,6 +74,22 @@ def _cell_moments(p: np.ndarray, sigma_w: np.ndarray, codes: np.ndarray, delta: 
     return mean, sq, cross
 
 
+def gaussian_cell_moments(p: np.ndarray, s: np.ndarray, delta: float, lo: int, hi: int, n_cells: int,
+                          chunk: int = 2_000_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_cell_moments` of ``v = p + w``, ``w ~ N(0, s²)`` element-wise (``p, s (E,)``, ``s > 0``), summed
+    over the ``n_cells`` cells centred on each ``p``'s own code (clipped into ``[lo, hi]``), ``chunk`` cell
+    evaluations at a time. The caller picks ``n_cells`` to cover the Gaussian's tails (e.g. ±9σ)."""
+    mean, sq, cross = (np.empty_like(p) for _ in range(3))
+    n_cells = int(min(hi - lo + 1, n_cells))
+    step = max(1, chunk // n_cells)
+    for a in range(0, p.size, step):
+        pp, ss = p[a:a + step], s[a:a + step]
+        first = np.clip(np.round(pp / delta) - n_cells // 2, lo, max(lo, hi - n_cells + 1))
+        codes = first[:, None] + np.arange(n_cells)[None]
+        mean[a:a + step], sq[a:a + step], cross[a:a + step] = _cell_moments(pp, ss, codes, delta, lo, hi)
+    return mean, sq, cross
+
+
 def _smooth_moments(mu: np.ndarray, s: np.ndarray, delta: float, lo: int, hi: int):
     """``s ≥ 2Δ``: interior rounding Δ²/12 plus exact Gaussian clipping tails."""
     t1, t2 = (lo - 0.5) * delta, (hi + 0.5) * delta
@@ -167,17 +183,9 @@ def _table(grid: np.ndarray, delta: float, lo: int, hi: int, sigma_w: float, sig
         err = code * delta - p
         g[inner], gm[inner] = err * err, err
     else:
-        n_cells = min(hi - lo + 1, 2 * int(math.ceil(9 * sigma_w / delta)) + 3)
-        chunk = max(1, 500_000 // n_cells)
-        gi, gmi = np.empty_like(p), np.empty_like(p)
-        for i in range(0, len(p), chunk):
-            pp = p[i:i + chunk]
-            first = np.clip(np.floor((pp - 9 * sigma_w) / delta) - 1, lo, max(lo, hi - n_cells + 1))
-            codes = first[:, None] + np.arange(n_cells)[None]
-            mean, sq, cross = _cell_moments(pp, np.full(len(pp), sigma_w), codes, delta, lo, hi)
-            gi[i:i + chunk] = sq + sigma_n ** 2 + 2 * (sigma_n ** 2 / sigma_w ** 2) * cross
-            gmi[i:i + chunk] = mean
-        g[inner], gm[inner] = gi, gmi
+        mean, sq, cross = gaussian_cell_moments(p, np.full(p.size, sigma_w), delta, lo, hi,
+                                                2 * int(math.ceil(9 * sigma_w / delta)) + 3)
+        g[inner], gm[inner] = sq + sigma_n ** 2 + 2 * (sigma_n ** 2 / sigma_w ** 2) * cross, mean
     below, above = grid < lo * delta - margin, grid > hi * delta + margin
     g[below], gm[below] = (lo * delta - grid[below]) ** 2 + dither, lo * delta - grid[below]
     g[above], gm[above] = (hi * delta - grid[above]) ** 2 + dither, hi * delta - grid[above]
@@ -439,15 +447,10 @@ def _narrow_gaussian(mu: np.ndarray, sd: np.ndarray, delta: float, lo: int, hi: 
     if zero.any():
         err = np.clip(np.round(mu[zero] / delta), lo, hi) * delta - mu[zero]
         mean[zero], sq[zero] = err, err * err
-    idx = np.flatnonzero(~zero)
-    if idx.size:
-        n_cells = int(min(hi - lo + 1, 2 * math.ceil(9 * float(s_w[idx].max()) / delta) + 3))
-        step = max(1, 2_000_000 // n_cells)
-        for a in range(0, idx.size, step):
-            i = idx[a:a + step]
-            first = np.clip(np.round(mu[i] / delta) - n_cells // 2, lo, max(lo, hi - n_cells + 1))
-            codes = first[:, None] + np.arange(n_cells)[None]
-            m, q, cross = _cell_moments(mu[i], s_w[i], codes, delta, lo, hi)
-            mean[i] = m
-            sq[i] = q + sigma_n ** 2 + 2 * (sigma_n ** 2 / (s_w[i] * s_w[i])) * cross
+    i = np.flatnonzero(~zero)
+    if i.size:
+        m, q, cross = gaussian_cell_moments(mu[i], s_w[i], delta, lo, hi,
+                                            2 * math.ceil(9 * float(s_w[i].max()) / delta) + 3)
+        mean[i] = m
+        sq[i] = q + sigma_n ** 2 + 2 * (sigma_n ** 2 / (s_w[i] * s_w[i])) * cross
     return mean, np.maximum(sq, 0.0)

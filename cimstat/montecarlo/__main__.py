@@ -61,7 +61,7 @@ def _resolve(args: argparse.Namespace, model: torch.nn.Module, config, dataset: 
     else:
         probe_dir = Path(args.probes)
     probes = load_probes(probe_dir, model)
-    return resolve(config, probes.stats)
+    return resolve(config, probes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,7 @@ class EstimateEvaluator:
         from cimstat.calibrate import resolve
 
         t0 = time.perf_counter()
-        resolved = resolve(combo.config, self._probes.stats, self._calibrations)
+        resolved = resolve(combo.config, self._probes, self._calibrations)
         return resolved, time.perf_counter() - t0
 
     def estimate(self, combo: Combination, resolved: Mapping[str, Any]) -> dict[str, Any]:
