@@ -21,13 +21,14 @@ per-channel gain captures all but 1 % of it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .moments import SecondMoment
 
-__all__ = ["CoherentSplit", "split_coherent"]
+__all__ = ["CoherentSplit", "coherent_parts", "split_coherent"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class CoherentSplit:
     gain: np.ndarray       #: (C_out,) a_c, relative (dimensionless)
     offset: np.ndarray     #: (C_out,) m_c, output units
     coherent_sq: np.ndarray  #: (C_out,) E[(a_c y_c + m_c)²], output units²
-    residual: np.ndarray   #: (C_out, K) v - a W: the per-weight remainder (weight units)
     residual_sq: np.ndarray  #: (C_out,) E[r_c²] = Var((v_c - a_c W_c)·x), output units²
+    residual: np.ndarray | None = None  #: (C_out, K) v - a W: the per-weight remainder (weight units)
 
     @property
     def energy(self) -> np.ndarray:
@@ -46,18 +47,25 @@ class CoherentSplit:
         return self.coherent_sq + self.residual_sq
 
 
+def coherent_parts(ey: np.ndarray, quad_w: np.ndarray, ev: np.ndarray, k: np.ndarray | float,
+                   cross_vw: np.ndarray, quad_v: np.ndarray) -> CoherentSplit:
+    """The split from the channel's moments alone (no per-weight remainder): ``ey = W·μ``,
+    ``quad_w = E[(W·x)²]``, ``ev = v·μ``, ``cross_vw = E[(v·x)(W·x)]``, ``quad_v = E[(v·x)²]``;
+    ``Var(r) = E[(v·x)²] - 2a·E[(v·x)(W·x)] + a²·E[(W·x)²] - (ev - a·ey)²``."""
+    var_y = np.maximum(quad_w - ey * ey, 0.0)
+    cov = cross_vw - ev * ey
+    a = np.where(var_y > 0, cov / np.where(var_y > 0, var_y, 1.0), 0.0)
+    m = ev + k - a * ey
+    coherent_sq = a * a * (var_y + ey * ey) + 2 * a * m * ey + m * m
+    var_r = quad_v - 2 * a * cross_vw + a * a * quad_w - (ev - a * ey) ** 2
+    return CoherentSplit(gain=a, offset=m, coherent_sq=np.maximum(coherent_sq, 0.0),
+                         residual_sq=np.maximum(var_r, 0.0))
+
+
 def split_coherent(moment: SecondMoment, w: np.ndarray, v: np.ndarray,
                    k: np.ndarray | float = 0.0) -> CoherentSplit:
     """Split ``e_c = v_c·x + k_c`` against the layer's float weights ``w (C_out, K)`` (see module doc)."""
     mu = moment.mean
-    ey = w @ mu
-    ev = v @ mu
-    var_y = np.maximum(moment.quad_form(w) - ey * ey, 0.0)
-    cov = moment.cross_form(v, w) - ev * ey
-    a = np.where(var_y > 0, cov / np.where(var_y > 0, var_y, 1.0), 0.0)
-    m = ev + k - a * ey
-    coherent_sq = a * a * (var_y + ey * ey) + 2 * a * m * ey + m * m
-    r = v - a[:, None] * w
-    var_r = np.maximum(moment.variance(r), 0.0)
-    return CoherentSplit(gain=a, offset=m,
-                         coherent_sq=np.maximum(coherent_sq, 0.0), residual=r, residual_sq=var_r)
+    sp = coherent_parts(moment.pinned_mean(w), moment.quad_form(w), v @ mu, k, moment.cross_form(v, w),
+                        moment.quad_form(v))
+    return dataclasses.replace(sp, residual=v - sp.gain[:, None] * w)

@@ -18,13 +18,14 @@ pass ``j`` with shift weight ``2^{o_j}``, ``2^{o_l}`` the weight-slice weight):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.special import ndtr
 
 from cimstat.hardware import LayerConfig, NoiseModel, WeightEncoding
 
-__all__ = ["LevelNoise", "level_noise", "DeviceNoise", "device_noise"]
+__all__ = ["LevelNoise", "level_noise", "CodeNoise", "DeviceNoise", "device_noise"]
 
 _INV_SQRT_2PI = 1.0 / np.sqrt(2 * np.pi)
 
@@ -68,14 +69,48 @@ def level_noise(cfg: LayerConfig, width: int) -> LevelNoise:
 
 
 @dataclass(frozen=True)
-class DeviceNoise:
-    """Per-weight device-noise statistics of one layer (weight-code units)."""
+class CodeNoise:
+    """The per-weight sums of :class:`DeviceNoise` as tables over the signed weight code
+    ``q = -qmax..qmax`` (every device level is a function of the code; index ``q + qmax``)."""
 
-    var_prog: np.ndarray           #: (C_out, K) Σ_l 4^{o_l} Σ_dev Var_p
-    var_read: np.ndarray           #: (C_out, K) Σ_l 4^{o_l} Σ_dev Var_r
-    bias: np.ndarray               #: (C_out, K) Σ_l 2^{o_l} (E[δ+] - E[δ-])
-    bias_share_prog: float         #: fraction of the bias attributed to programming error
-    tables: list[LevelNoise]       #: per weight slice: moments per target level
+    qmax: int
+    var_prog: np.ndarray  #: (2·qmax+1,) Σ_l 4^{o_l} Σ_dev Var_p
+    var_read: np.ndarray  #: (2·qmax+1,) Σ_l 4^{o_l} Σ_dev Var_r
+    bias: np.ndarray      #: (2·qmax+1,) Σ_l 2^{o_l} (E[δ+] - E[δ-])
+
+
+class DeviceNoise:
+    """Device-noise statistics of one layer (weight-code units): per target level, per code, and
+    (computed on first use) per weight."""
+
+    def __init__(self, tables: list[LevelNoise], bias_share_prog: float, by_code: CodeNoise | None,
+                 codes: np.ndarray | None, levels: list[np.ndarray] | None, cfg: LayerConfig):
+        self.tables = tables                  #: per weight slice: moments per target level
+        self.bias_share_prog = bias_share_prog  #: fraction of the bias attributed to programming error
+        self.by_code = by_code                #: the per-weight sums per signed code (None without codes)
+        self._codes, self._levels, self._cfg = codes, levels, cfg
+
+    @cached_property
+    def _per_weight(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.by_code is not None:
+            idx = self._codes + self.by_code.qmax
+            return self.by_code.var_prog[idx], self.by_code.var_read[idx], self.by_code.bias[idx]
+        return _sums(self._levels, self.tables, self._cfg, self._levels[0].shape[1:])
+
+    @property
+    def var_prog(self) -> np.ndarray:
+        """(C_out, K) Σ_l 4^{o_l} Σ_dev Var_p."""
+        return self._per_weight[0]
+
+    @property
+    def var_read(self) -> np.ndarray:
+        """(C_out, K) Σ_l 4^{o_l} Σ_dev Var_r."""
+        return self._per_weight[1]
+
+    @property
+    def bias(self) -> np.ndarray:
+        """(C_out, K) Σ_l 2^{o_l} (E[δ+] - E[δ-])."""
+        return self._per_weight[2]
 
     def slice_bias(self, levels: np.ndarray, l: int) -> np.ndarray:
         """E[δ] of every device of slice ``l`` (``levels (n_dev, C_out, K)``)."""
@@ -90,36 +125,32 @@ def device_noise(levels: list[np.ndarray] | None, cfg: LayerConfig, codes: np.nd
     """Device-noise statistics from the target levels of every slice (``device_levels``).
 
     With ``codes`` (the signed weight codes ``(C_out, K)``) the per-weight sums are read from
-    one table per code (every device level is a function of the code), bit-identical to the
-    sums over slices and devices; ``levels`` may then be None.
+    one table per code (:class:`CodeNoise`, bit-identical to the sums over slices and devices);
+    ``levels`` may then be None.
     """
-    widths = cfg.weight_slices()
-    sign = np.array([1.0, -1.0]) if cfg.weight_encoding is WeightEncoding.DIFFERENTIAL else np.array([1.0])
-    tables = [level_noise(cfg, width) for width in widths]
+    tables = [level_noise(cfg, width) for width in cfg.weight_slices()]
+    by_code = None
     if codes is not None:
         from .weight_quantization import device_levels
 
         qmax = 2 ** (cfg.weight_bits - 1) - 1
         grid = np.arange(-qmax, qmax + 1, dtype=np.int64)
-        lut_p, lut_r, lut_b = _sums(device_levels(grid, cfg), tables, widths, sign, grid.shape)
-        idx = codes + qmax
-        var_p, var_r, bias = lut_p[idx], lut_r[idx], lut_b[idx]
-    else:
-        var_p, var_r, bias = _sums(levels, tables, widths, sign, levels[0].shape[1:])
+        by_code = CodeNoise(qmax, *_sums(device_levels(grid, cfg), tables, cfg, grid.shape))
     wp = wr = 0.0
     for tab in tables:
         wp += float(tab.var_prog.sum())
         wr += float(tab.var_read.sum())
     share = wp / (wp + wr) if wp + wr > 0 else 1.0
-    return DeviceNoise(var_prog=var_p, var_read=var_r, bias=bias, bias_share_prog=share, tables=tables)
+    return DeviceNoise(tables, share, by_code, codes, levels, cfg)
 
 
-def _sums(levels, tables, widths, sign, shape):
+def _sums(levels, tables, cfg: LayerConfig, shape):
+    sign = np.array([1.0, -1.0]) if cfg.weight_encoding is WeightEncoding.DIFFERENTIAL else np.array([1.0])
     var_p = np.zeros(shape)
     var_r = np.zeros(shape)
     bias = np.zeros(shape)
     offset = 0
-    for g, width, tab in zip(levels, widths, tables):
+    for g, width, tab in zip(levels, cfg.weight_slices(), tables):
         for d in range(g.shape[0]):
             var_p += 4.0 ** offset * tab.var_prog[g[d]]
             var_r += 4.0 ** offset * tab.var_read[g[d]]

@@ -30,7 +30,7 @@ from cimstat.stats import ChannelDistribution
 
 from .adc import adc_code_limits, conversion_error, conversion_errors
 from .device_noise import DeviceNoise, device_noise
-from .coherent import CoherentSplit, split_coherent
+from .coherent import coherent_parts, split_coherent
 from .input_quantization import InputPlan, input_error_terms, input_plan
 from .moments import SecondMoment
 from .sampled_adc import SampledError, sampled_adc_error, sampled_input_error
@@ -70,6 +70,9 @@ class LayerEstimate:
     signal: np.ndarray                         #: (C_out,) E[y_c²] of the float output
     white: dict[ErrorSource, np.ndarray]       #: (C_out,) per-read error variance (propagates by ratio)
     fixed: dict[ErrorSource, np.ndarray]       #: (C_out, K) per-weight error variance (weight units²)
+    #: (C_out,) fixed errors already contracted with the per-weight sensitivities, ``Σ_k var_ck·S_ck``
+    #: (logit units²; device noise, from per-code histograms; needs ``LayerModel.weight_sens``)
+    fixed_channel: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
     #: deterministic part per source (:mod:`.coherent`): relative gain a_c and offset m_c (output units)
     gain: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
     offset: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
@@ -109,6 +112,9 @@ class LayerModel:
         #: (S, K) probed input vectors (``noise_prop.pkl`` ``input_sample``) or None: with it the ADC
         #: error is an expectation over the sample (:mod:`.sampled_adc`) instead of the moment model
         self.input_sample: np.ndarray | None = None
+        #: (C_out, K) per-weight sensitivities ``S_ck`` of the logits (``noise_prop.pkl`` ``weight_sens``) or
+        #: None: with them the device-noise fixed errors are returned contracted (``LayerEstimate.fixed_channel``)
+        self.weight_sens: np.ndarray | None = None
 
     # ---- lazily built, config independent ------------------------------------------
     @property
@@ -360,34 +366,87 @@ def _adc_sums(model: LayerModel, cfg: LayerConfig, plan: InputPlan, levels: list
     return {sg: (var[sg], mean[sg]) for sg in sigmas}
 
 
-def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: WeightCodes) -> dict:
-    """Programming error and read noise of one layer (see :mod:`.device_noise`)."""
+@dataclass(frozen=True)
+class _CodeSums:
+    """Per output channel ``c`` and signed weight code ``q`` (column ``q + qmax``): row-weighted sums over
+    the weights of channel ``c`` that hold code ``q`` (config-independent given the weight codes and the
+    input plan). Every per-weight device term is a per-code table of the noise knobs, so its per-channel
+    sums are these histograms times the table: a new noise level costs ``C_out x n_codes``, not
+    ``C_out x K``."""
+
+    count: np.ndarray     #: Σ 1
+    eu2: np.ndarray       #: Σ E[u_k²] (applied input code)
+    read: np.ndarray      #: Σ Σ_passes Σ_j 4^{o_j} E[s_jk²] (input slices)
+    mean: np.ndarray      #: Σ μ_k
+    moment_w: np.ndarray  #: Σ (M W_c)_k
+    sens: np.ndarray | None    #: Σ S_ck·ε_k (S the per-weight sensitivity, ε_k = Δx² E[u_k²] / E[x_k²])
+    sens_w: np.ndarray | None  #: Σ S_ck·ε_k·W_ck
+    sens_w2: np.ndarray | None  #: (C_out,) Σ_k S_ck·ε_k·W_ck²
+
+
+def _code_sums(model: LayerModel, plan: InputPlan, wq: WeightCodes, qmax: int) -> _CodeSums:
+    c_out, k = model.weight.shape
+    n = 2 * qmax + 1
+    idx = (wq.codes + (qmax + n * np.arange(c_out))[:, None]).ravel()
+
+    def hist(per_weight: np.ndarray) -> np.ndarray:
+        flat = np.broadcast_to(per_weight, (c_out, k)).ravel()
+        return np.bincount(idx, weights=flat, minlength=c_out * n).reshape(c_out, n)
     ch = model.channel_of_row
-    dx, dw = plan.step, wq.step
-    scale2 = (dx * dw) ** 2
     eu2 = plan.applied.sq_mean[ch]
-    prog = scale2 * (noise.var_prog @ eu2)
-    # Σ_passes Σ_j 4^{o_j} Var_r @ E[s_j²]: the per-row weights summed first, one product
-    e_read = np.zeros(model.weight.shape[1])
+    e_read = np.zeros(k)
     for p in plan.passes:
         for off_in, st in zip(p.offsets, p.slices):
             e_read += 4.0 ** off_in * st.sq_mean[ch]
-    read = scale2 * (noise.var_read @ e_read)
-    b = noise.bias
-    bias_const = dw * plan.offset_code * dx * b.sum(1)
-    vb = dw[:, None] * b
-    sp = split_coherent(model.moment, model.weight, vb, bias_const)
-    bias_err = sp.energy
+    mom, w = model.moment, model.weight
+    moment_w = mom.project(w) @ mom.factor.T + w * mom.diag
+    sens = sens_w = sens_w2 = None
+    if model.weight_sens is not None:
+        x_sq = np.maximum(mom.sq_mean, 1e-30)
+        energy = np.where(mom.sq_mean > 0, plan.step ** 2 * eu2 / x_sq, 0.0)
+        se = model.weight_sens * energy
+        sens, sens_w, sens_w2 = hist(se), hist(se * w), (se * w * w).sum(1)
+    return _CodeSums(count=hist(np.ones(k)), eu2=hist(eu2), read=hist(e_read), mean=hist(mom.mean),
+                     moment_w=hist(moment_w), sens=sens, sens_w=sens_w, sens_w2=sens_w2)
+
+
+def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: WeightCodes, sums: _CodeSums) -> dict:
+    """Programming error and read noise of one layer (see :mod:`.device_noise`), from the per-code
+    tables of the noise knobs and the per-code histograms ``sums``.
+
+    * ``Σ_k Var(q_ck)·E[u_k²]`` (and the read-noise analogue) = ``sums.eu2 @ table``;
+    * the clipping bias ``v_ck = Δw_c·b(q_ck)`` is split into gain, offset and rest (:mod:`.coherent`)
+      from ``v·μ``, ``E[(v·x)(W·x)]`` (histograms) and ``E[(v·x)²]`` (the one per-weight product);
+    * its per-weight remainder ``r = v - a·W`` reaches the logits through ``Σ_k S_ck·ε_k·r_ck²`` =
+      ``Δw²·sens @ b² - 2aΔw·sens_w @ b + a²·sens_w2``: the per-channel contractions are returned
+      (``fixed_*``, propagated by :class:`~cimstat.engine.network.Engine` with the class shares).
+    """
+    lut = noise.by_code
+    c_out = model.weight.shape[0]
+    dx, dw = plan.step, wq.step
+    scale2 = (dx * dw) ** 2
+    prog = scale2 * (sums.eu2 @ lut.var_prog)
+    read = scale2 * (sums.read @ lut.var_read)
     share = noise.bias_share_prog
-    # per-weight variances for propagation; the applied code's energy relative to x's
-    x_sq = np.maximum(model.moment.sq_mean, 1e-30)
-    energy = np.where(model.moment.sq_mean > 0, dx * dx * eu2 / x_sq, 0.0)
-    bias_w = sp.residual ** 2 * energy  # the bias beyond its per-channel gain and offset
-    return {"err_prog": prog + share * bias_err, "err_read": read + (1 - share) * bias_err, "read": read,
-            "fixed_prog": (dw[:, None] ** 2) * noise.var_prog * energy + share * bias_w,
-            "fixed_read": (1 - share) * bias_w,
-            "gain_prog": share * sp.gain, "off_prog": share * sp.offset,
-            "gain_read": (1 - share) * sp.gain, "off_read": (1 - share) * sp.offset}
+    zeros = np.zeros(c_out)
+    bias_err = gain = offset = bias_fixed = zeros
+    b = lut.bias
+    if np.any(b):
+        mom, w = model.moment, model.weight
+        sp = coherent_parts(mom.pinned_mean(w), mom.quad_form(w), dw * (sums.mean @ b),
+                            dw * plan.offset_code * dx * (sums.count @ b), dw * (sums.moment_w @ b),
+                            dw ** 2 * mom.quad_form(b[wq.codes + lut.qmax]))
+        bias_err, gain, offset = sp.energy, sp.gain, sp.offset
+        if sums.sens is not None:
+            bias_fixed = (dw ** 2 * (sums.sens @ (b * b)) - 2 * gain * dw * (sums.sens_w @ b)
+                          + gain ** 2 * sums.sens_w2)
+    out = {"err_prog": prog + share * bias_err, "err_read": read + (1 - share) * bias_err, "read": read,
+           "gain_prog": share * gain, "off_prog": share * offset,
+           "gain_read": (1 - share) * gain, "off_read": (1 - share) * offset}
+    if sums.sens is not None:
+        out["fixed_prog"] = dw ** 2 * (sums.sens @ lut.var_prog) + share * bias_fixed
+        out["fixed_read"] = (1 - share) * bias_fixed
+    return out
 
 
 def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise | None, scale: np.ndarray,
@@ -441,6 +500,7 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
     error = {s: zeros.copy() for s in ErrorSource}
     white = {s: zeros.copy() for s in ErrorSource}
     fixed: dict[ErrorSource, np.ndarray] = {}
+    fixed_channel: dict[ErrorSource, np.ndarray] = {}
     gain: dict[ErrorSource, np.ndarray] = {}
     offset: dict[ErrorSource, np.ndarray] = {}
     has_noise = cfg.programming_error > 0 or cfg.read_noise > 0
@@ -500,16 +560,20 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
     noise = None
     if has_noise:
         noise = model.noise(cfg)
+        signed = bool(ranges.signed_input)
+        inputs = (cfg.input_bits, float(ranges.input_range), signed, cfg.signed_input_encoding if signed else None,
+                  cfg.input_slices(signed))
+        sums = model.cached(("devsums", cfg.weight_bits, cfg.weight_scale) + inputs,
+                            lambda: _code_sums(model, plan, wq, noise.by_code.qmax))
         key = ("dev", cfg.weight_bits, cfg.weight_scale, cfg.weight_encoding, cfg.weight_slices(),
-               cfg.programming_error, cfg.programming_error_model, cfg.read_noise, cfg.read_noise_model,
-               cfg.input_bits, float(ranges.input_range), bool(ranges.signed_input),
-               cfg.signed_input_encoding if ranges.signed_input else None, cfg.input_slices(bool(ranges.signed_input)))
-        dev = model.cached(key, lambda: _device_terms(model, noise, plan, wq))
+               cfg.programming_error, cfg.programming_error_model, cfg.read_noise, cfg.read_noise_model) + inputs
+        dev = model.cached(key, lambda: _device_terms(model, noise, plan, wq, sums))
         error[ErrorSource.PROGRAMMING_ERROR] = dev["err_prog"]
         error[ErrorSource.READ_NOISE] = dev["err_read"]
         white[ErrorSource.READ_NOISE] = dev["read"]
-        fixed[ErrorSource.PROGRAMMING_ERROR] = dev["fixed_prog"]
-        fixed[ErrorSource.READ_NOISE] = dev["fixed_read"]
+        if "fixed_prog" in dev:
+            fixed_channel[ErrorSource.PROGRAMMING_ERROR] = dev["fixed_prog"]
+            fixed_channel[ErrorSource.READ_NOISE] = dev["fixed_read"]
         gain[ErrorSource.PROGRAMMING_ERROR], offset[ErrorSource.PROGRAMMING_ERROR] = dev["gain_prog"], dev["off_prog"]
         gain[ErrorSource.READ_NOISE], offset[ErrorSource.READ_NOISE] = dev["gain_read"], dev["off_read"]
 
@@ -522,7 +586,7 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
         if model.input_sample is not None and cfg.adc_bits is not None:
             _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset)
             return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
-                                 gain=gain, offset=offset)
+                                 fixed_channel=fixed_channel, gain=gain, offset=offset)
         var_q, var_t, mean_q, mean_t = _adc_error(model, cfg, ranges, plan, model.levels(cfg), noise)
         error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * (var_q + mean_q ** 2)
         error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * np.maximum(
@@ -532,4 +596,4 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
         offset[ErrorSource.ADC_QUANTIZATION] = scale * mean_q
         offset[ErrorSource.ADC_THERMAL_NOISE] = scale * mean_t
     return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
-                         gain=gain, offset=offset)
+                         fixed_channel=fixed_channel, gain=gain, offset=offset)

@@ -127,7 +127,8 @@ class SecondMoment:
         """``v F``."""
         return self._memo(v, "proj", lambda: v @ self.factor)
 
-    def _vmean(self, v: np.ndarray) -> np.ndarray:
+    def pinned_mean(self, v: np.ndarray) -> np.ndarray:
+        """``v·μ`` (kept when ``v`` is pinned)."""
         return self._memo(v, "mean", lambda: v @ self.mean)
 
     def _diag_term(self, u: np.ndarray, v: np.ndarray) -> np.ndarray | float:
@@ -147,11 +148,11 @@ class SecondMoment:
 
     def affine_quad_form(self, v: np.ndarray, const: np.ndarray | float) -> np.ndarray:
         """``E[(v · x + const)²] = vMv + 2·const·(v·μ) + const²``."""
-        return self.quad_form(v) + 2 * const * self._vmean(v) + np.square(const)
+        return self.quad_form(v) + 2 * const * self.pinned_mean(v) + np.square(const)
 
     def variance(self, v: np.ndarray) -> np.ndarray:
         """``Var(v · x)``."""
-        return np.maximum(self.quad_form(v) - self._vmean(v) ** 2, 0.0)
+        return np.maximum(self.quad_form(v) - self.pinned_mean(v) ** 2, 0.0)
 
     def tile_variance(self, v: np.ndarray, n_rows: int) -> np.ndarray:
         """``Var(Σ_{k in tile t} v_k x_k)`` for every tile of ``n_rows`` rows: ``v (N, K)`` -> ``(N, T)``."""

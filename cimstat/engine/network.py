@@ -160,8 +160,9 @@ class Engine:
                     self.layers[n].input_sample = np.asarray(lp.input_sample, dtype=np.float32)
                 cls = np.asarray(lp.weight_sens_class, dtype=np.float64)
                 share = cls / np.maximum(cls.sum(1, keepdims=True), 1e-300)
-                self._prop[n] = (np.asarray(lp.ratio, dtype=np.float64), np.asarray(lp.weight_sens, dtype=np.float64),
-                                 share)
+                sens = np.asarray(lp.weight_sens, dtype=np.float64)
+                self.layers[n].weight_sens = sens
+                self._prop[n] = (np.asarray(lp.ratio, dtype=np.float64), sens, share)
                 if lp.weight_grad is not None:
                     g = np.asarray(lp.weight_grad, dtype=np.float64)
                     self._grad[n] = g.reshape(g.shape[0], g.shape[1], -1)
@@ -224,6 +225,10 @@ class Engine:
                 # the per-weight variances are cached arrays of the layer model: the contraction
                 # with the sensitivities (C_out x K) is memoised per array (identity, weakly held)
                 add = self._memo_by_array((name, "fixed", s), v, lambda: np.einsum("ck,ck->c", v, sens) @ share)
+                logit[s] += add
+                fixed_l += add
+            for s, v in le.fixed_channel.items():
+                add = v @ share
                 logit[s] += add
                 fixed_l += add
             per_layer[name] = float(white_l.sum() + fixed_l.sum())
