@@ -170,7 +170,9 @@ def test_plots_table_and_validation_report(tmp_path):
                      "mc_fc_snr_db": e["fc_snr_db"] + 0.5, "mc_top1": e["top1"] - 0.01,
                      "err_conv1_db": 0.2, "err_fc_db": -0.5, "err_top1_pp": 1.0, "mc_conv1_snr_se_db": 0.05,
                      "mc_top1_se_pp": 0.4, "snr_db[conv1]": 30.0, "mc_snr_db[conv1]": 30.3,
-                     "snr_db[fc]": 20.0, "mc_snr_db[fc]": 21.2, "est_seconds": 0.01, "mc_seconds": 3.0})
+                     "snr_db[fc]": 20.0, "mc_snr_db[fc]": 21.2, "est_seconds": 0.01, "mc_seconds": 3.0,
+                     # predicted drop 2 pp from the probe images' float top-1, measured 2.5 pp on the MC images'
+                     "top1_clean": e["top1"] + 0.02, "mc_top1_clean": e["top1"] - 0.01 + 0.025})
     frame = pd.DataFrame(rows)
     written = plot_metrics(frame, spec.parameters, tmp_path)
     assert sorted(p.name for p in written) == ["adc_bits.png", "rows_per_array.png"]
@@ -183,9 +185,11 @@ def test_plots_table_and_validation_report(tmp_path):
     assert stats["conv1_max_db"] == pytest.approx(0.2) and stats["top1_max_pp"] == pytest.approx(1.0)
     assert stats["layer_max_db"] == pytest.approx(1.2) and stats["layer_median_db"] == pytest.approx(0.75)
     assert stats["fc_n"] == 6  # every MC fc SNR >= 10 dB here
+    assert stats["drop_max_pp"] == pytest.approx(0.5) and stats["drop_n"] == 6
     text = validation_report(frame, spec.parameters, {"command": "python -m sweeps.validate x.py"})
     assert "| conv1 isolated SNR | 0.20 dB | 0.20 dB | 6 | max ≤ 0.5 dB | met |" in text
     assert "**missed**" in text  # the layer max of 1.2 dB misses its 1.0 dB target
+    assert "| top-1 drop from the float network (each on its own images; diagnostic) | 0.50 pp | 0.50 pp | 6 |" in text
     assert text.count("\n| ") >= 6 + 2
 
 

@@ -64,6 +64,18 @@ def _stat(values: np.ndarray) -> tuple[float, float, int]:
     return float(np.median(v)), float(v.max()), int(v.size)
 
 
+def top1_drop_error_pp(frame: pd.DataFrame) -> np.ndarray:
+    """Per configuration, the error of the predicted top-1 *drop*: ``(top1 - top1_clean) - (mc_top1 -
+    mc_top1_clean)`` in pp. Each drop is taken against the float network on its own images (the probe images
+    for the estimate, the MC images for the MC), so the difference between the two image samples' clean
+    accuracies cancels; NaN where a column is missing."""
+    cols = ("top1", "top1_clean", "mc_top1", "mc_top1_clean")
+    if any(c not in frame.columns for c in cols):
+        return np.full(len(frame), math.nan)
+    est, clean, mc, mc_clean = (_num(frame, c) for c in cols)
+    return 100 * ((est - clean) - (mc - mc_clean))
+
+
 def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
     """Error statistics of a validation frame (absolute errors; dB and percentage points)."""
     out: dict[str, Any] = {}
@@ -74,6 +86,7 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
     out["fc_median_db"], out["fc_max_db"], out["fc_n"] = _stat(np.where(judged, fc_err, np.nan))
     out["fc_low_n"] = int((np.isfinite(mc_fc) & ~judged).sum())
     out["top1_median_pp"], out["top1_max_pp"], out["top1_n"] = _stat(_num(frame, "err_top1_pp"))
+    out["drop_median_pp"], out["drop_max_pp"], out["drop_n"] = _stat(top1_drop_error_pp(frame))
     # configurations whose top-1 the engine declined (NaN estimate next to a Monte Carlo value)
     out["top1_declined_n"] = int((np.isfinite(_num(frame, "mc_top1")) & ~np.isfinite(_num(frame, "top1"))).sum())
     layer_errors: dict[str, np.ndarray] = {}
@@ -144,6 +157,8 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              f"| top-1 | {_f(s['top1_median_pp'])} pp | {_f(s['top1_max_pp'])} pp | {s['top1_n']}"
              + (f" (+{s['top1_declined_n']} declined)" if s.get("top1_declined_n") else "")
              + f" | max ≤ 1.5 pp | {_verdict(s['top1_max_pp'], 1.5) if not s.get('top1_declined_n') else '**missed**'} |",
+             f"| top-1 drop from the float network (each on its own images; diagnostic) | "
+             f"{_f(s['drop_median_pp'])} pp | {_f(s['drop_max_pp'])} pp | {s['drop_n']} | – | |",
              "",
              *([f"Top-1 declined on {s['top1_declined_n']} configuration(s): the engine returns no top-1 where its "
                 "estimated fc SNR is below `cimstat.engine.network.TOP1_MIN_FC_SNR_DB` (errors compound beyond "
@@ -156,7 +171,9 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              "The SNR standard errors measure the chip-to-chip and noise spread only (0 for a configuration "
              "without random noise); the estimate is made on the probe images and the MC on other images, so "
              "both errors also contain the difference between the two image samples (the float top-1 of each "
-             "sample is `top1_clean` and `mc_top1_clean` in the CSV).",
+             "sample is `top1_clean` and `mc_top1_clean` in the CSV). The top-1 drop row compares the predicted "
+             "and the measured loss of accuracy, each against the float network on its own images, so the two "
+             "samples' clean accuracies cancel: it isolates the engine's error from the image sampling.",
              f"Time per configuration (median / max): estimate {_f(1000 * s['est_seconds'][0], 1)} / "
              f"{_f(1000 * s['est_seconds'][1], 1)} ms, Monte Carlo {_f(s['mc_seconds'][0], 1)} / "
              f"{_f(s['mc_seconds'][1], 1)} s.", ""]
@@ -170,9 +187,10 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
     lines += ["## Every configuration", "",
               "SNR in dB, top-1 in %; `MC ± se` is the Monte Carlo mean and its standard error.", "",
               "| # | configuration | conv1 est | conv1 MC ± se | err | fc est | fc MC | err | top-1 est | "
-              "top-1 MC ± se | err pp |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for _, row in frame.iterrows():
+              "top-1 MC ± se | err pp | drop err pp |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    drop = top1_drop_error_pp(frame)
+    for i, (_, row) in enumerate(frame.iterrows()):
         desc = row.get("label") or ""
         params = ", ".join(f"{p}={row[p]}" for p in parameters if p in row and str(row[p]) != "")
         desc = f"**{desc}** {params}" if desc else params
@@ -184,12 +202,12 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
                 return math.nan
 
         if "error" in row and isinstance(row["error"], str) and row["error"]:
-            lines.append(f"| {row['combo']} | {desc} | {row['error']} |||||||||")
+            lines.append(f"| {row['combo']} | {desc} | {row['error']} ||||||||||")
             continue
         lines.append(
             f"| {row['combo']} | {desc} | {_f(g('conv1_snr_db'))} | {_f(g('mc_conv1_snr_db'))} ± "
             f"{_f(g('mc_conv1_snr_se_db'), 3)} | {_f(g('err_conv1_db'))} | {_f(g('fc_snr_db'))} | "
             f"{_f(g('mc_fc_snr_db'))} | {_f(g('err_fc_db'))} | {_f(g('top1', 100))} | "
-            f"{_f(g('mc_top1', 100))} ± {_f(g('mc_top1_se_pp'))} | {_f(g('err_top1_pp'))} |")
+            f"{_f(g('mc_top1', 100))} ± {_f(g('mc_top1_se_pp'))} | {_f(g('err_top1_pp'))} | {_f(drop[i])} |")
     lines.append("")
     return "\n".join(lines)
