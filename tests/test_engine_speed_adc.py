@@ -103,3 +103,44 @@ def test_repeated_estimate_is_identical(default_probes):
             assert second[k] == v or (second[k] != second[k] and v != v), k
         else:
             assert second[k] == pytest.approx(v, rel=1e-12, abs=0.0), k
+
+
+@pytest.mark.parametrize("knobs", [dict(), dict(read_noise=0.03, read_noise_model="state_independent")],
+                         ids=["quantization", "device-noise"])
+def test_cached_partial_sums_give_the_fresh_numbers(default_probes, knobs):
+    """A sweep over ADC bits and thermal noise reuses the layer's integer partial sums: every result equals
+    the one from a layer model that computes them afresh."""
+    from cimstat.engine import engine_for
+    from cimstat.engine.layer import _conversions
+    from cimstat.engine.sampled_adc import sampled_adc_error
+
+    lm = engine_for(default_probes).layers["layer1.0.conv1"]
+    ls = default_probes.stats.layers["layer1.0.conv1"]
+    x_range = float(ls.input_max)
+    shared = {}
+
+    def cache(key, build):
+        if key not in shared:
+            shared[key] = build()
+        return shared[key]
+    for bits, sigma in ((6, 0.0), (5, 0.0), (5, 0.7), (4, 2.0)):
+        cfg = LayerConfig(input_bits=8, weight_bits=6, input_slice_bits=2, weight_slice_bits=3, rows_per_array=128,
+                          adc_bits=bits, adc_thermal_noise_lsb=sigma, **knobs)
+        levels = lm.levels(cfg)
+        noise = lm.noise(cfg) if knobs else None
+
+        def noise_terms(li, devs):
+            if noise is None:
+                return None
+            lv = levels[li][list(devs)]
+            sgn = np.array([1.0, -1.0]) if len(devs) == 2 else np.array([1.0])
+            return np.tensordot(sgn, noise.slice_bias(lv, li), axes=1), noise.slice_var(lv, li).sum(0)
+        table = np.full((4, 2), 40.0 * 2 ** (6 - bits))
+        args = (lm.input_sample, lm.weight, cfg, False, x_range, table, _conversions(levels, cfg), noise_terms, sigma)
+        reused = sampled_adc_error(*args, cache=cache)
+        fresh = sampled_adc_error(*args)
+        for field in ("energy", "random", "gain", "offset"):
+            np.testing.assert_array_equal(getattr(reused, field), getattr(fresh, field), err_msg=f"{bits} {field}")
+    # one set of partial sums per sample part: with device noise, thermal noise under 0.5 LSB takes the
+    # smaller (cell-integral) element budget, so two parts of the sample
+    assert sum(key[0] == "partial_sums" for key in shared) == (2 if knobs else 1)

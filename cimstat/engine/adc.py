@@ -50,24 +50,24 @@ def _zpdf(z: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(z), out, 0.0)
 
 
-def _cell_moments(p: np.ndarray, sigma_w: np.ndarray, codes: np.ndarray, delta: float, lo: int, hi: int):
+def _cell_moments(p: np.ndarray, sigma_w: np.ndarray, first: np.ndarray, n_cells: int, delta: float, lo: int,
+                  hi: int):
     """Sums over ADC cells of ``w ~ N(0, σ_w²)`` partial moments for ``v = p + w``.
 
-    ``p (E,)``, ``sigma_w (E,)`` > 0, ``codes (E, W)`` (cells to sum; entries outside
-    ``[lo, hi]`` are ignored). Returns ``E[Q(v)-v]``, ``E[(Q(v)-v)²]``, ``E[(Q(v)-v)·w]``.
+    ``p, sigma_w (E,)`` (σ_w > 0); the cells summed are the ``n_cells`` consecutive codes from ``first (E,)``,
+    all inside ``[lo, hi]`` (code ``lo`` extends to -∞, ``hi`` to +∞). The Gaussian is evaluated once per
+    cell edge (``n_cells + 1`` per element). Returns ``E[Q(v)-v]``, ``E[(Q(v)-v)²]``, ``E[(Q(v)-v)·w]``.
     """
-    valid = (codes >= lo) & (codes <= hi)
-    c = np.clip(codes, lo, hi).astype(np.float64)
-    lower = np.where(c <= lo, -np.inf, (c - 0.5) * delta)
-    upper = np.where(c >= hi, np.inf, (c + 0.5) * delta)
     s = sigma_w[:, None]
-    a = (lower - p[:, None]) / s
-    b = (upper - p[:, None]) / s
-    prob = np.where(valid, ndtr(b) - ndtr(a), 0.0)
-    pa, pb = _pdf(a), _pdf(b)
-    ew = np.where(valid, s * (pa - pb), 0.0)
-    ew2 = np.where(valid, s * s * (prob + _zpdf(a) - _zpdf(b)), 0.0)
-    off = c * delta - p[:, None]
+    edge = (first[:, None] + np.arange(n_cells + 1)[None] - 0.5) * delta
+    z = (edge - p[:, None]) / s
+    z[:, 0] = np.where(first <= lo, -np.inf, z[:, 0])
+    z[:, -1] = np.where(first + n_cells - 1 >= hi, np.inf, z[:, -1])
+    cdf, pdf, zpdf = ndtr(z), _pdf(z), _zpdf(z)
+    prob = cdf[:, 1:] - cdf[:, :-1]
+    ew = s * (pdf[:, :-1] - pdf[:, 1:])
+    ew2 = s * s * (prob + zpdf[:, :-1] - zpdf[:, 1:])
+    off = (first[:, None] + np.arange(n_cells)[None]) * delta - p[:, None]
     mean = (off * prob - ew).sum(1)
     sq = (off * off * prob - 2 * off * ew + ew2).sum(1)
     cross = (off * ew - ew2).sum(1)
@@ -79,14 +79,13 @@ def gaussian_cell_moments(p: np.ndarray, s: np.ndarray, delta: float, lo: int, h
     """:func:`_cell_moments` of ``v = p + w``, ``w ~ N(0, s²)`` element-wise (``p, s (E,)``, ``s > 0``), summed
     over the ``n_cells`` cells centred on each ``p``'s own code (clipped into ``[lo, hi]``), ``chunk`` cell
     evaluations at a time. The caller picks ``n_cells`` to cover the Gaussian's tails (e.g. ±9σ)."""
-    mean, sq, cross = (np.empty_like(p) for _ in range(3))
+    mean, sq, cross = (np.empty(p.shape) for _ in range(3))
     n_cells = int(min(hi - lo + 1, n_cells))
     step = max(1, chunk // n_cells)
     for a in range(0, p.size, step):
         pp, ss = p[a:a + step], s[a:a + step]
         first = np.clip(np.round(pp / delta) - n_cells // 2, lo, max(lo, hi - n_cells + 1))
-        codes = first[:, None] + np.arange(n_cells)[None]
-        mean[a:a + step], sq[a:a + step], cross[a:a + step] = _cell_moments(pp, ss, codes, delta, lo, hi)
+        mean[a:a + step], sq[a:a + step], cross[a:a + step] = _cell_moments(pp, ss, first, n_cells, delta, lo, hi)
     return mean, sq, cross
 
 
@@ -399,10 +398,8 @@ def _zero_input_error(delta: float, lo: int, hi: int, sigma_n: float) -> tuple[f
     """``(E[Q(n)], E[Q(n)²])`` when the ADC input is exactly 0 (only thermal noise)."""
     if sigma_n <= 0:
         return 0.0, 0.0
-    n_cells = min(hi - lo + 1, 2 * int(math.ceil(9 * sigma_n / delta)) + 3)
-    first = float(np.clip(-(n_cells // 2), lo, max(lo, hi - n_cells + 1)))
-    codes = (first + np.arange(n_cells))[None]
-    mean, sq, cross = _cell_moments(np.zeros(1), np.full(1, sigma_n), codes, delta, lo, hi)
+    mean, sq, cross = gaussian_cell_moments(np.zeros(1), np.full(1, sigma_n), delta, lo, hi,
+                                            2 * int(math.ceil(9 * sigma_n / delta)) + 3)
     return float(mean[0]), float(sq[0] + sigma_n ** 2 + 2 * cross[0])
 
 

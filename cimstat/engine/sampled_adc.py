@@ -7,7 +7,7 @@ passes and slices are formed as in ``hardware.py`` and every conversion's ideal 
 ``P = Σ_k s_jk c_k`` over a row tile is computed exactly (integers). Given ``P`` the ADC error
 ``err = Q(P + d + n) - (P + d)`` is integrated in closed form over the device deviation
 ``d ~ N(μ_d, σ_d²)`` (``μ_d = Σ_k s_jk E[δ_k]``, ``σ_d² = Σ_k s_jk² Var δ_k``) and the thermal
-noise ``n ~ N(0, σ_n²)`` (Gaussian cell probabilities, :func:`cimstat.engine.adc._cell_moments`),
+noise ``n ~ N(0, σ_n²)`` (Gaussian cell probabilities, :func:`cimstat.engine.adc.gaussian_cell_moments`),
 or exactly (``Q(P) - P``, round half to even) when neither is present. Per vector and output
 channel the conversions add with their shift-and-add weights ``±2^{o_j + o_l}``: the conditional
 means as amplitudes (a background patch's rounding errors of every slice add coherently), the
@@ -101,8 +101,8 @@ def _conditional_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float,
     if sigma_d2 is None:
         # thermal noise alone: the error is a function of the integer partial sum, evaluated once per
         # distinct value (a table over the span of P) and gathered
-        pi = np.rint(p).astype(np.int64)
-        if np.array_equal(pi, p):
+        pi = p if np.issubdtype(p.dtype, np.integer) else np.rint(p).astype(np.int64)
+        if pi is p or np.array_equal(pi, p):
             first = int(pi.min())
             span = int(pi.max()) - first + 1
             if span <= 4 * pi.size + 4096:
@@ -120,7 +120,7 @@ def _conditional_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float,
 def _pointwise_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float, lo: int, hi: int,
                      sigma_n: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_conditional_error` element by element."""
-    flat = p.ravel()
+    flat = np.asarray(p, dtype=np.float64).ravel()
     vd = np.zeros_like(flat) if sigma_d2 is None else np.broadcast_to(sigma_d2, p.shape).ravel()
     sw = np.sqrt(vd + sigma_n ** 2)
     mean = np.empty_like(flat)
@@ -147,12 +147,16 @@ def _pointwise_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float, l
         mean[smooth] = m
         sq[smooth] = _with_noise(q, cross, ss, vd[smooth], sigma_n)
     cells = ~exact & ~closed_interior & ~smooth & (sw >= 0.499 * delta)
-    i = np.flatnonzero(cells)
-    if i.size:
-        m, q, cross = gaussian_cell_moments(flat[i], sw[i], delta, lo, hi,
-                                            2 * int(np.ceil(9 * float(sw[i].max()) / delta)) + 3, _CHUNK)
-        mean[i] = m
-        sq[i] = _with_noise(q, cross, sw[i], vd[i], sigma_n)
+    i_all = np.flatnonzero(cells)
+    if i_all.size:
+        # ±9σ of cells, σ grouped in octaves (one wide element must not set the cell count of all)
+        band = np.ceil(np.log2(sw[i_all] / delta)).astype(np.int64)
+        for octave in np.unique(band):
+            i = i_all[band == octave]
+            m, q, cross = gaussian_cell_moments(flat[i], sw[i], delta, lo, hi,
+                                                2 * int(np.ceil(9 * float(sw[i].max()) / delta)) + 3, _CHUNK)
+            mean[i] = m
+            sq[i] = _with_noise(q, cross, sw[i], vd[i], sigma_n)
     narrow = ~exact & (sw < 0.499 * delta)
     # no ADC threshold within 6σ: the code is that of P (err = Q(P) - P - d̃: E[err²] = (Q(P)-P)² + σ_d²,
     # E[2·d̃·err] = -2σ_d²)
@@ -205,6 +209,38 @@ def _no_cache(key: tuple, build):
     return build()
 
 
+def _slices(codes: np.ndarray, cfg: LayerConfig, signed: bool, tiles: list[tuple[int, int]], as_float: bool):
+    """Every (pass, input slice, tile) in conversion order: ``(pass sign, slice index, slice offset, tile,
+    the slice's codes on the tile as float64 (None when all zero, or when not ``as_float``))``."""
+    widths_in = cfg.input_slices(signed)
+    offsets_in = np.cumsum((0,) + widths_in[:-1])
+    for sign_in, applied in _passes(codes, cfg, signed):
+        applied = applied.astype(np.int32)
+        for ji, (o_in, w_in) in enumerate(zip(offsets_in, widths_in)):
+            s = (applied >> int(o_in)) & (2 ** int(w_in) - 1)            # the slice, integer
+            for a, b in tiles:
+                st = s[:, a:b] if as_float else None
+                yield sign_in, ji, o_in, (a, b), (st.astype(np.float64) if st is not None and st.any() else None)
+
+
+def _partial_sums(codes: np.ndarray, cfg: LayerConfig, signed: bool, conversions: list,
+                  tiles: list[tuple[int, int]]) -> list[list[list[np.ndarray | None]]]:
+    """The ideal integer partial sums ``P = Σ_k s_jk c_k`` of every conversion (int32 ``(vectors, C_out)``, None
+    where the slice is all zero on the tile), per (pass, input slice, tile) in :func:`_slices` order, then per
+    weight slice and conversion. Config independent beyond the quantization structure: kept in the cache so
+    a sweep over ADC bits, ranges or thermal noise does not redo the products."""
+    coef_t = [[np.ascontiguousarray(np.asarray(coef, dtype=np.float64).T) for _, coef, _ in conv_list]
+              for conv_list in conversions]
+    largest = max(float(np.abs(c).max(initial=0)) for per_slice in coef_t for c in per_slice)
+    largest *= max(b - a for a, b in tiles) * (2 ** max(cfg.input_slices(signed)) - 1)
+    dtype = np.int32 if largest < 2 ** 31 else np.int64
+    out = []
+    for *_, (a, b), st in _slices(codes, cfg, signed, tiles, True):
+        out.append([[None if st is None else np.rint(st @ c[a:b]).astype(dtype) for c in per_slice]
+                    for per_slice in coef_t])
+    return out
+
+
 def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float,
                       adc_table: np.ndarray, conversions: list, noise_terms, sigma_n_lsb: float,
                       cache=None) -> SampledError:
@@ -236,44 +272,35 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
     n_s = codes.shape[0]
     tiles = [(a, min(a + n_rows, k)) for a in range(0, k, n_rows)]
     widths_in = cfg.input_slices(signed)
-    offsets_in = np.cumsum((0,) + widths_in[:-1])
     widths_w = cfg.weight_slices()
     offsets_w = np.cumsum((0,) + widths_w[:-1])
     lo, hi = adc_code_limits(cfg.adc_bits, cfg.adc_signed)
     det = np.zeros((n_s, c_out))    # E[e | x] per vector and channel
     rand = np.zeros((n_s, c_out))   # Var[e | x]
-    coef_t = {(li, ci): np.ascontiguousarray(np.asarray(coef, dtype=np.float64).T)       # (K, C_out)
-              for li, conv_list in enumerate(conversions) for ci, (_, coef, _) in enumerate(conv_list)}
     dev_t = {key: None if t is None else (np.ascontiguousarray(t[0].T), np.ascontiguousarray(t[1].T))
              for key, t in dev_terms.items()}
-    for sign_in, applied in _passes(codes, cfg, signed):
-        applied = applied.astype(np.int32)
-        for ji, (o_in, w_in) in enumerate(zip(offsets_in, widths_in)):
-            s = (applied >> int(o_in)) & (2 ** int(w_in) - 1)            # the slice, integer
-            for a, b in tiles:
-                st_int = s[:, a:b]
-                if not st_int.any():
-                    st = None
-                else:
-                    st = st_int.astype(np.float64)
-                for li, conv_list in enumerate(conversions):
-                    delta = float(adc_table[ji, li]) / hi
-                    for ci, (sign_pol, _, devs) in enumerate(conv_list):
-                        w = sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li])
-                        dev = dev_t[(li, devs)]
-                        vd = None
-                        if st is None:
-                            p = np.zeros((n_s, c_out))
-                            if dev is not None:
-                                vd = np.zeros((n_s, c_out))
-                        else:
-                            p = st @ coef_t[(li, ci)][a:b]
-                            if dev is not None:
-                                p += st @ dev[0][a:b]
-                                vd = (st * st) @ dev[1][a:b]
-                        m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
-                        det += w * m
-                        rand += w * w * v
+    sums = cache(("partial_sums", cfg.input_bits, bool(signed), float(x_range),
+                  cfg.signed_input_encoding if signed else None, widths_in, cfg.weight_bits, cfg.weight_scale,
+                  cfg.weight_encoding, widths_w, cfg.adc_signed, n_rows, len(codes), rows is None or len(rows)),
+                 lambda: _partial_sums(codes, cfg, signed, conversions, tiles))
+    for (sign_in, ji, o_in, (a, b), st), per_conv in zip(_slices(codes, cfg, signed, tiles, device), sums):
+        for li, conv_list in enumerate(conversions):
+            delta = float(adc_table[ji, li]) / hi
+            for ci, (sign_pol, _, devs) in enumerate(conv_list):
+                w = sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li])
+                p = per_conv[li][ci]
+                dev = dev_t[(li, devs)]
+                vd = None
+                if p is None:
+                    p = np.zeros((n_s, c_out), dtype=np.int32)
+                if dev is not None:
+                    vd = np.zeros((n_s, c_out))
+                    if st is not None:
+                        p = p + st @ dev[0][a:b]
+                        vd = (st * st) @ dev[1][a:b]
+                m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
+                det += w * m
+                rand += w * w * v
     y = cache(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
                              @ np.asarray(weight, dtype=np.float64).T)
     return _split(det[inverse], rand[inverse], y if rows is None else y[rows])
