@@ -25,8 +25,9 @@ below would be exceeded — e.g. about 80 vectors x 512 channels of a 4608-input
 slices), float16 storage of the wide layers' vectors, and the Gaussian shape of the device deviation of
 one partial sum (a sum over the tile's devices). On the validation sweep's 28 reported configurations
 (``docs/validation.md``) the layers' isolated SNRs are within 0.68 dB of the Monte Carlo (median 0.04). Distinct code vectors are found by
-a 64-bit hash of each vector (checked, exact fallback); with thermal noise alone the conditional error
-is tabulated per distinct integer partial sum.
+a 64-bit hash of each vector (checked, exact fallback). The integer partial sums are kept per quantization
+structure as distinct values and an index (:func:`_partial_sums`); without device noise the conditional error
+is evaluated once per distinct value and gathered.
 """
 from __future__ import annotations
 
@@ -98,22 +99,6 @@ def _conditional_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float,
     if sigma_d2 is None and sigma_n <= 0:
         code = np.clip(np.round(p / delta), lo, hi)
         return code * delta - p, np.zeros_like(p)
-    if sigma_d2 is None:
-        # thermal noise alone: the error is a function of the integer partial sum, evaluated once per
-        # distinct value (a table over the span of P) and gathered
-        pi = p if np.issubdtype(p.dtype, np.integer) else np.rint(p).astype(np.int64)
-        if pi is p or np.array_equal(pi, p):
-            first = int(pi.min())
-            span = int(pi.max()) - first + 1
-            if span <= 4 * pi.size + 4096:
-                present = np.zeros(span, dtype=bool)
-                present[(pi - first).ravel()] = True
-                values = np.flatnonzero(present)
-                m, v = _pointwise_error((values + first).astype(np.float64), None, delta, lo, hi, sigma_n)
-                slot = np.zeros(span, dtype=np.int64)
-                slot[values] = np.arange(values.size)
-                where = slot[pi - first]
-                return m[where], v[where]
     return _pointwise_error(p, sigma_d2, delta, lo, hi, sigma_n)
 
 
@@ -215,20 +200,36 @@ def _slices(codes: np.ndarray, cfg: LayerConfig, signed: bool, tiles: list[tuple
     widths_in = cfg.input_slices(signed)
     offsets_in = np.cumsum((0,) + widths_in[:-1])
     for sign_in, applied in _passes(codes, cfg, signed):
-        applied = applied.astype(np.int32)
+        applied = applied.astype(np.int32) if as_float else None
         for ji, (o_in, w_in) in enumerate(zip(offsets_in, widths_in)):
-            s = (applied >> int(o_in)) & (2 ** int(w_in) - 1)            # the slice, integer
+            s = (applied >> int(o_in)) & (2 ** int(w_in) - 1) if as_float else None  # the slice, integer
             for a, b in tiles:
                 st = s[:, a:b] if as_float else None
                 yield sign_in, ji, o_in, (a, b), (st.astype(np.float64) if st is not None and st.any() else None)
 
 
+def _distinct(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct values (sorted), index (int32, p's shape))`` of an integer array: ``values[index] == p``."""
+    first = int(p.min())
+    span = int(p.max()) - first + 1
+    if span <= 4 * p.size + 4096:  # a table over the span
+        present = np.zeros(span, dtype=bool)
+        present[(p - first).ravel()] = True
+        values = np.flatnonzero(present)
+        slot = np.zeros(span, dtype=np.int32)
+        slot[values] = np.arange(values.size, dtype=np.int32)
+        return values + first, slot[p - first]
+    values, index = np.unique(p, return_inverse=True)
+    return values, index.reshape(p.shape).astype(np.int32)
+
+
 def _partial_sums(codes: np.ndarray, cfg: LayerConfig, signed: bool, conversions: list,
-                  tiles: list[tuple[int, int]]) -> list[list[list[np.ndarray | None]]]:
-    """The ideal integer partial sums ``P = Σ_k s_jk c_k`` of every conversion (int32 ``(vectors, C_out)``, None
-    where the slice is all zero on the tile), per (pass, input slice, tile) in :func:`_slices` order, then per
-    weight slice and conversion. Config independent beyond the quantization structure: kept in the cache so
-    a sweep over ADC bits, ranges or thermal noise does not redo the products."""
+                  tiles: list[tuple[int, int]]) -> list[list[list[tuple[np.ndarray, np.ndarray] | None]]]:
+    """The ideal integer partial sums ``P = Σ_k s_jk c_k`` of every conversion as ``(distinct values, index
+    (int32, (vectors, C_out)))`` (:func:`_distinct`; None where the slice is all zero on the tile), per (pass,
+    input slice, tile) in :func:`_slices` order, then per weight slice and conversion. Config independent beyond
+    the quantization structure: kept in the cache, so a sweep over ADC bits, ranges or noise redoes no
+    products, and an error that is a function of ``P`` is evaluated once per distinct value."""
     coef_t = [[np.ascontiguousarray(np.asarray(coef, dtype=np.float64).T) for _, coef, _ in conv_list]
               for conv_list in conversions]
     largest = max(float(np.abs(c).max(initial=0)) for per_slice in coef_t for c in per_slice)
@@ -236,7 +237,7 @@ def _partial_sums(codes: np.ndarray, cfg: LayerConfig, signed: bool, conversions
     dtype = np.int32 if largest < 2 ** 31 else np.int64
     out = []
     for *_, (a, b), st in _slices(codes, cfg, signed, tiles, True):
-        out.append([[None if st is None else np.rint(st @ c[a:b]).astype(dtype) for c in per_slice]
+        out.append([[None if st is None else _distinct(np.rint(st @ c[a:b]).astype(dtype)) for c in per_slice]
                     for per_slice in coef_t])
     return out
 
@@ -261,7 +262,7 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
     n_conv = (len(cfg.input_slices(signed)) * (2 if signed and cfg.signed_input_encoding is SignedInputEncoding.SPLIT
                                               else 1) * sum(len(c) for c in conversions) * -(-k // n_rows))
     # device noise under less than half an LSB of thermal noise needs Gaussian cell integrals per element:
-    # the small budget (thermal noise alone is tabulated per partial-sum value, see _conditional_error)
+    # the small budget (without device noise the error is evaluated per distinct partial sum, see _partial_sums)
     budget = NOISY_ELEMENT_BUDGET if device and sigma_n_lsb < 0.499 else EXACT_ELEMENT_BUDGET
     sample = np.asarray(sample)
     # vectors with equal codes convert alike (all-background patches): each distinct code vector once
@@ -288,16 +289,21 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
             delta = float(adc_table[ji, li]) / hi
             for ci, (sign_pol, _, devs) in enumerate(conv_list):
                 w = sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li])
-                p = per_conv[li][ci]
+                ps = per_conv[li][ci]
                 dev = dev_t[(li, devs)]
-                vd = None
-                if p is None:
-                    p = np.zeros((n_s, c_out), dtype=np.int32)
-                if dev is not None:
-                    vd = np.zeros((n_s, c_out))
-                    if st is not None:
-                        p = p + st @ dev[0][a:b]
-                        vd = (st * st) @ dev[1][a:b]
+                if dev is None:  # a function of the integer partial sum: once per distinct value, gathered
+                    values = np.zeros(1, dtype=np.int64) if ps is None else ps[0]
+                    m, v = _conditional_error(values.astype(np.float64), None, delta, lo, hi, sigma_n_lsb * delta)
+                    m, v = w * m, w * w * v  # scaled once per distinct value, then gathered
+                    det += m[0] if ps is None else m[ps[1]]
+                    if sigma_n_lsb > 0:
+                        rand += v[0] if ps is None else v[ps[1]]
+                    continue
+                p = np.zeros((n_s, c_out)) if ps is None else ps[0][ps[1]].astype(np.float64)
+                vd = np.zeros((n_s, c_out))
+                if st is not None:
+                    p += st @ dev[0][a:b]
+                    vd = (st * st) @ dev[1][a:b]
                 m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
                 det += w * m
                 rand += w * w * v
