@@ -431,7 +431,9 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
     zeros = np.zeros(c_out)
     bias_err = gain = offset = bias_fixed = zeros
     b = lut.bias
-    if np.any(b):
+    # proportional noise leaves a bias of σ·h(1/α) (~1e-23 of a level at α = 10 %): below 1e-12 of the
+    # deviation's spread it cannot move any result, and the per-weight quadratic form is skipped
+    if np.abs(b).max() > 1e-12 * math.sqrt(float(np.max(lut.var_prog + lut.var_read))):
         mom, w = model.moment, model.weight
         sp = coherent_parts(mom.pinned_mean(w), mom.quad_form(w), dw * (sums.mean @ b),
                             dw * plan.offset_code * dx * (sums.count @ b), dw * (sums.moment_w @ b),
