@@ -213,12 +213,14 @@ def _distinct(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first = int(p.min())
     span = int(p.max()) - first + 1
     if span <= 4 * p.size + 4096:  # a table over the span
+        if first:
+            p = p - first
         present = np.zeros(span, dtype=bool)
-        present[(p - first).ravel()] = True
+        present[p.ravel()] = True
         values = np.flatnonzero(present)
         slot = np.zeros(span, dtype=np.int32)
         slot[values] = np.arange(values.size, dtype=np.int32)
-        return values + first, slot[p - first]
+        return values + first, slot[p]
     values, index = np.unique(p, return_inverse=True)
     return values, index.reshape(p.shape).astype(np.int32)
 
@@ -235,9 +237,9 @@ def _partial_sums(codes: np.ndarray, cfg: LayerConfig, signed: bool, conversions
     largest = max(float(np.abs(c).max(initial=0)) for per_slice in coef_t for c in per_slice)
     largest *= max(b - a for a, b in tiles) * (2 ** max(cfg.input_slices(signed)) - 1)
     dtype = np.int32 if largest < 2 ** 31 else np.int64
-    out = []
+    out = []  # the float products of integers are exact (below 2^53): the cast loses nothing
     for *_, (a, b), st in _slices(codes, cfg, signed, tiles, True):
-        out.append([[None if st is None else _distinct(np.rint(st @ c[a:b]).astype(dtype)) for c in per_slice]
+        out.append([[None if st is None else _distinct((st @ c[a:b]).astype(dtype)) for c in per_slice]
                     for per_slice in coef_t])
     return out
 
