@@ -144,3 +144,10 @@ def test_cached_partial_sums_give_the_fresh_numbers(default_probes, knobs):
     # one set of partial sums per sample part: with device noise, thermal noise under 0.5 LSB takes the
     # smaller (cell-integral) element budget, so two parts of the sample
     assert sum(key[0] == "partial_sums" for key in shared) == (2 if knobs else 1)
+    # the layer cache's memory accounting sees the kept partial sums (its budget bounds a long sweep)
+    from cimstat.engine.layer import _nbytes
+    for key, sums in shared.items():
+        if key[0] == "partial_sums":
+            held = sum(ps[0].nbytes + ps[1].nbytes for per_slice in sums for per_w in per_slice for ps in per_w
+                       if ps is not None)
+            assert held > 0 and _nbytes(sums) == held
