@@ -74,12 +74,20 @@ def _cell_moments(p: np.ndarray, sigma_w: np.ndarray, first: np.ndarray, n_cells
     return mean, sq, cross
 
 
-def gaussian_cell_moments(p: np.ndarray, s: np.ndarray, delta: float, lo: int, hi: int, n_cells: int,
+def gaussian_cell_moments(p: np.ndarray, s: np.ndarray, delta: float, lo: int, hi: int, n_cells: int | None = None,
                           chunk: int = 2_000_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_cell_moments` of ``v = p + w``, ``w ~ N(0, s²)`` element-wise (``p, s (E,)``, ``s > 0``), summed
     over the ``n_cells`` cells centred on each ``p``'s own code (clipped into ``[lo, hi]``), ``chunk`` cell
-    evaluations at a time. The caller picks ``n_cells`` to cover the Gaussian's tails (e.g. ±9σ)."""
+    evaluations at a time. Without ``n_cells``: the cells within ±9σ (Gaussian tails below 1e-19), σ grouped
+    in octaves so that one wide element does not set the cell count of all."""
     mean, sq, cross = (np.empty(p.shape) for _ in range(3))
+    if n_cells is None:
+        band = np.ceil(np.log2(s / delta)).astype(np.int64)
+        for octave in np.unique(band):
+            i = np.flatnonzero(band == octave)
+            mean[i], sq[i], cross[i] = gaussian_cell_moments(p[i], s[i], delta, lo, hi,
+                                                             2 * math.ceil(9 * float(s[i].max()) / delta) + 3, chunk)
+        return mean, sq, cross
     n_cells = int(min(hi - lo + 1, n_cells))
     step = max(1, chunk // n_cells)
     for a in range(0, p.size, step):
@@ -182,8 +190,7 @@ def _table(grid: np.ndarray, delta: float, lo: int, hi: int, sigma_w: float, sig
         err = code * delta - p
         g[inner], gm[inner] = err * err, err
     else:
-        mean, sq, cross = gaussian_cell_moments(p, np.full(p.size, sigma_w), delta, lo, hi,
-                                                2 * int(math.ceil(9 * sigma_w / delta)) + 3)
+        mean, sq, cross = gaussian_cell_moments(p, np.full(p.size, sigma_w), delta, lo, hi)
         g[inner], gm[inner] = sq + sigma_n ** 2 + 2 * (sigma_n ** 2 / sigma_w ** 2) * cross, mean
     below, above = grid < lo * delta - margin, grid > hi * delta + margin
     g[below], gm[below] = (lo * delta - grid[below]) ** 2 + dither, lo * delta - grid[below]
@@ -398,8 +405,7 @@ def _zero_input_error(delta: float, lo: int, hi: int, sigma_n: float) -> tuple[f
     """``(E[Q(n)], E[Q(n)²])`` when the ADC input is exactly 0 (only thermal noise)."""
     if sigma_n <= 0:
         return 0.0, 0.0
-    mean, sq, cross = gaussian_cell_moments(np.zeros(1), np.full(1, sigma_n), delta, lo, hi,
-                                            2 * int(math.ceil(9 * sigma_n / delta)) + 3)
+    mean, sq, cross = gaussian_cell_moments(np.zeros(1), np.full(1, sigma_n), delta, lo, hi)
     return float(mean[0]), float(sq[0] + sigma_n ** 2 + 2 * cross[0])
 
 
@@ -446,8 +452,7 @@ def _narrow_gaussian(mu: np.ndarray, sd: np.ndarray, delta: float, lo: int, hi: 
         mean[zero], sq[zero] = err, err * err
     i = np.flatnonzero(~zero)
     if i.size:
-        m, q, cross = gaussian_cell_moments(mu[i], s_w[i], delta, lo, hi,
-                                            2 * math.ceil(9 * float(s_w[i].max()) / delta) + 3)
+        m, q, cross = gaussian_cell_moments(mu[i], s_w[i], delta, lo, hi)
         mean[i] = m
         sq[i] = q + sigma_n ** 2 + 2 * (sigma_n ** 2 / (s_w[i] * s_w[i])) * cross
     return mean, np.maximum(sq, 0.0)

@@ -79,11 +79,11 @@ def sample_codes(sample: np.ndarray, cfg: LayerConfig, signed: bool, x_range: fl
     return np.clip(np.round(np.asarray(sample, dtype=np.float64) / step), -qmax if signed else 0, qmax)
 
 
-def _passes(codes: np.ndarray, cfg: LayerConfig, signed: bool) -> list[tuple[float, np.ndarray]]:
-    """``(sign, applied non-negative code)`` of every input pass (:func:`cimstat.stats.applied_codes`)."""
+def _pass_encodings(cfg: LayerConfig, signed: bool) -> list[tuple[float, str, int]]:
+    """``(sign, encoding, polarity)`` of every input pass, as :func:`cimstat.stats.applied_codes` takes them."""
     if signed and cfg.signed_input_encoding is SignedInputEncoding.SPLIT:
-        return [(float(pol), applied_codes(codes, cfg.input_bits, True, "split", pol)) for pol in (1, -1)]
-    return [(1.0, applied_codes(codes, cfg.input_bits, signed, "offset" if signed else "unsigned"))]
+        return [(float(pol), "split", pol) for pol in (1, -1)]
+    return [(1.0, "offset" if signed else "unsigned", 1)]
 
 
 def _with_noise(q: np.ndarray, cross: np.ndarray, sw: np.ndarray, vd: np.ndarray, sigma_n: float) -> np.ndarray:
@@ -136,16 +136,11 @@ def _pointwise_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float, l
         mean[smooth] = m
         sq[smooth] = _with_noise(q, cross, ss, vd[smooth], sigma_n)
     cells = ~exact & ~closed_interior & ~smooth & (sw >= 0.499 * delta)
-    i_all = np.flatnonzero(cells)
-    if i_all.size:
-        # ±9σ of cells, σ grouped in octaves (one wide element must not set the cell count of all)
-        band = np.ceil(np.log2(sw[i_all] / delta)).astype(np.int64)
-        for octave in np.unique(band):
-            i = i_all[band == octave]
-            m, q, cross = gaussian_cell_moments(flat[i], sw[i], delta, lo, hi,
-                                                2 * int(np.ceil(9 * float(sw[i].max()) / delta)) + 3, _CHUNK)
-            mean[i] = m
-            sq[i] = _with_noise(q, cross, sw[i], vd[i], sigma_n)
+    i = np.flatnonzero(cells)
+    if i.size:
+        m, q, cross = gaussian_cell_moments(flat[i], sw[i], delta, lo, hi, chunk=_CHUNK)
+        mean[i] = m
+        sq[i] = _with_noise(q, cross, sw[i], vd[i], sigma_n)
     narrow = ~exact & (sw < 0.499 * delta)
     # no ADC threshold within 6σ: the code is that of P (err = Q(P) - P - d̃: E[err²] = (Q(P)-P)² + σ_d²,
     # E[2·d̃·err] = -2σ_d²)
@@ -203,8 +198,8 @@ def _slices(codes: np.ndarray, cfg: LayerConfig, signed: bool, tiles: list[tuple
     the slice's codes on the tile as float64 (None when all zero, or when not ``as_float``))``."""
     widths_in = cfg.input_slices(signed)
     offsets_in = np.cumsum((0,) + widths_in[:-1])
-    for sign_in, applied in _passes(codes, cfg, signed):
-        applied = applied.astype(np.int32) if as_float else None
+    for sign_in, encoding, pol in _pass_encodings(cfg, signed):
+        applied = applied_codes(codes, cfg.input_bits, signed, encoding, pol).astype(np.int32) if as_float else None
         for ji, (o_in, w_in) in enumerate(zip(offsets_in, widths_in)):
             s = (applied >> int(o_in)) & (2 ** int(w_in) - 1) if as_float else None  # the slice, integer
             for a, b in tiles:
