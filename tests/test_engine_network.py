@@ -79,6 +79,20 @@ def test_every_knob_is_honoured(small_engine):
         assert changed, f"knob {knob} did not change the estimate"
 
 
+def test_top1_is_declined_below_the_fc_snr_where_it_holds(engine):
+    """Far below TOP1_MIN_FC_SNR_DB the linearised top-1 is kept aside and the estimate says why; above it
+    top-1 is a number."""
+    from cimstat.engine.network import TOP1_MIN_FC_SNR_DB
+
+    low = _est(engine, read_noise=0.2)
+    assert low.fc_snr_db < TOP1_MIN_FC_SNR_DB
+    assert math.isnan(low.top1) and 0.0 <= low.top1_linear <= 1.0
+    assert f"{TOP1_MIN_FC_SNR_DB:g} dB" in low.top1_note and "Monte Carlo" in low.top1_note
+    high = _est(engine, read_noise=0.005)
+    assert high.fc_snr_db > TOP1_MIN_FC_SNR_DB
+    assert high.top1 == high.top1_linear and not high.top1_note
+
+
 def test_float_inputs_with_device_noise_is_an_error(engine):
     with pytest.raises(EstimationError, match="programming_error"):
         _est(engine, input_bits=None, weight_bits=8, programming_error=0.02)
