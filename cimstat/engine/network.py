@@ -48,7 +48,7 @@ in ``top1_note``; the linearised number stays in ``top1_linear``). The propagati
 float network; far from it the errors compound nonlinearly. Measured on the default model (1,000
 validation images for the Monte Carlo unless said): the linearised top-1 is within 1.4 pp at estimated fc
 SNRs of 7.2-9.1 dB (read noise 3 % / 3.5 %: -0.6 / -1.1 pp; programming error 3 % / 3.5 %: -1.4 / -1.1 pp;
-thermal2-adc6 against its 256-image MC: +0.9 pp), and 7-26 pp optimistic at 5.7 dB and below, even where the
+thermal2-adc6 against its 256-image MC: +0.8 pp), and 7-26 pp optimistic at 5.7 dB and below, even where the
 fc SNR itself is right (collapse-w4-prog5%: 2.82 vs 2.80 dB, top-1 88 vs 79 %). What the linear route
 misses there, measured on that configuration's noisy logits (8 chips, 500 images): they shrink toward a
 common vector — regressed on the clean logits the error has a slope of -0.55 in every class, and a mean

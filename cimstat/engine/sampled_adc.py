@@ -204,8 +204,8 @@ def _kept_rows(score: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     pick = rest[np.linspace(0, len(rest) - 1, n_pick).round().astype(np.int64)]
     rows = np.concatenate([heavy, pick])
     weights = np.concatenate([np.ones(n_heavy), np.full(n_pick, len(rest) / n_pick)])
-    order = np.argsort(rows)
-    return rows[order], weights[order]
+    in_sample_order = np.argsort(rows)
+    return rows[in_sample_order], weights[in_sample_order]
 
 
 def _distinct_codes(sample: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float, keep: int | None,
