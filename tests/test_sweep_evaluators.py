@@ -1,4 +1,4 @@
-"""Monte Carlo columns of a validation row: means, standard errors, per-layer columns, cache key."""
+"""Monte Carlo columns of a validation row: means, standard errors, per-layer columns, the Monte Carlo cache."""
 from __future__ import annotations
 
 import math
@@ -61,3 +61,57 @@ def test_programmed_instances_apply_only_where_programming_error_is_on(tmp_path)
     one_layer = Combination(2, {}, HardwareConfig(LayerConfig(), layers={"fc": {"programming_error": 0.01}}))
     assert [ev.instances_for(c) for c in (plain, prog, one_layer)] == [2, 8, 8]
     assert ValidationEvaluator(tmp_path, instances=3).instances_for(prog) == 3
+
+
+def _resolved(input_range: float, adc: np.ndarray | None):
+    from cimstat.hardware import LayerRanges
+
+    return {"conv1": SimpleNamespace(ranges=LayerRanges(True, 3.0, None)),
+            "layer1.0.conv1": SimpleNamespace(ranges=LayerRanges(False, input_range, adc))}
+
+
+def test_range_summary_matches_float_noise_but_not_another_calibration():
+    """Probes made with another thread count move ranges in the last float bits: that must not
+    rerun the Monte Carlo; a real range change, a missing ADC or another channel count must."""
+    from cimstat.sweeps.evaluators import RANGE_MATCH_RTOL, range_summary, ranges_match
+
+    adc = np.linspace(500.0, 700.0, 64).reshape(8, 8)
+    ref = range_summary(_resolved(6.6079879, adc))
+    assert ranges_match(ref, range_summary(_resolved(6.6079869, adc * (1 + 1e-5))))
+    assert not ranges_match(ref, range_summary(_resolved(6.6079879 * (1 + 10 * RANGE_MATCH_RTOL), adc)))
+    moved = adc.copy()
+    moved[3, 3] *= 1.05  # one channel's calibrated range changed
+    assert not ranges_match(ref, range_summary(_resolved(6.6079879, moved)))
+    assert not ranges_match(ref, range_summary(_resolved(6.6079879, None)))
+    assert not ranges_match(ref, range_summary(_resolved(6.6079879, np.linspace(500.0, 700.0, 65))))
+    assert not ranges_match(ref, {k: v for k, v in ref.items() if k != "conv1"})
+
+
+def test_monte_carlo_cache_is_reused_within_tolerance_and_rerun_otherwise(tmp_path, monkeypatch):
+    from cimstat.hardware import HardwareConfig, LayerConfig
+    from cimstat.sweeps import evaluators
+    from cimstat.sweeps.spec import Combination
+
+    calls = []
+
+    def fake_measure(model, config, resolved, loader, instances, progress):
+        calls.append(resolved)
+        return fake_result(logits_snr_db=15.0 + len(calls))
+
+    import cimstat.montecarlo
+
+    monkeypatch.setattr(cimstat.montecarlo, "measure", fake_measure)
+    ev = evaluators.ValidationEvaluator(tmp_path, n_images=100, cache_dir=tmp_path / "cache")
+    ev._fingerprint, ev._model, ev._loader = "weights-a", None, None
+    combo = Combination(0, {}, HardwareConfig(LayerConfig(read_noise=0.05)))
+    adc = np.full((2, 4), 600.0)
+    first = ev.monte_carlo(combo, _resolved(6.6, adc))
+    assert not first["mc_cached"] and first["mc_fc_snr_db"] == 16.0
+    again = ev.monte_carlo(combo, _resolved(6.6 * (1 + 1e-7), adc * (1 + 1e-5)))
+    assert again["mc_cached"] and again["mc_fc_snr_db"] == 16.0 and len(calls) == 1
+    other = ev.monte_carlo(combo, _resolved(6.6, adc * 1.01))  # recalibrated ADC: measured again
+    assert not other["mc_cached"] and other["mc_fc_snr_db"] == 17.0
+    ev._fingerprint = "weights-b"  # other weights: another key
+    assert ev.cached_monte_carlo(combo, _resolved(6.6, adc * 1.01)) is None
+    (tmp_path / "cache" / f"{ev.mc_cache_key(combo)}.json").write_text("{not json")
+    assert ev.cached_monte_carlo(combo, _resolved(6.6, adc * 1.01)) is None  # a damaged entry is recomputed

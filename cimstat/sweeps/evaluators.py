@@ -35,7 +35,7 @@ from cimstat.errors import SweepError
 from cimstat.sweeps.spec import Combination
 
 __all__ = ["EstimateEvaluator", "ValidationEvaluator", "mc_columns", "probe_defaults", "DEFAULT_MC_IMAGES",
-           "DEFAULT_MC_INSTANCES"]
+           "DEFAULT_MC_INSTANCES", "range_summary", "ranges_match", "RANGE_MATCH_RTOL"]
 
 DEFAULT_MC_IMAGES = 1000
 """Monte Carlo images per combination: the whole default validation split."""
@@ -241,45 +241,98 @@ class ValidationEvaluator:
             out["error"] = estimation_error
         return out
 
-    def mc_cache_key(self, combo: Combination, resolved: Mapping[str, Any]) -> str:
-        """sha256 of everything a Monte Carlo row depends on: the model weights, the config and
-        seed, every resolved range, dataset, images, instances, and the simulator's source code."""
-        ranges = {name: [r.ranges.signed_input, r.ranges.input_range,
-                         None if r.ranges.adc_range is None else np.asarray(r.ranges.adc_range).tolist()]
-                  for name, r in resolved.items()}
-        facts = {"fingerprint": self._fingerprint, "config": combo.config.to_dict() | {"name": ""},
-                 "ranges": ranges, "dataset": self.dataset, "data_root": str(self.data_root or ""),
-                 "n_images": self.n_images, "instances": self.instances_for(combo), "batch_size": self.batch_size,
+    def mc_cache_key(self, combo: Combination) -> str:
+        """sha256 of everything a Monte Carlo row depends on but the resolved ranges: the model
+        weights, the config and seed, dataset, images, instances, and the simulator's source code.
+        The ranges are matched within a tolerance instead (:func:`ranges_match`)."""
+        facts = {"cache_format": MC_CACHE_FORMAT, "fingerprint": self._fingerprint,
+                 "config": combo.config.to_dict() | {"name": ""}, "dataset": self.dataset,
+                 "data_root": str(self.data_root or ""), "n_images": self.n_images,
+                 "instances": self.instances_for(combo), "batch_size": self.batch_size,
                  "simulator": _simulator_source_hash()}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def cached_monte_carlo(self, combo: Combination, resolved: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The cached ``mc_*`` columns of ``combo`` if an entry exists whose ranges match
+        ``resolved`` (:func:`ranges_match`), else None (no cache, no entry, other ranges, damaged file)."""
+        if self.cache_dir is None:
+            return None
+        path = Path(self.cache_dir) / f"{self.mc_cache_key(combo)}.json"
+        try:
+            entry = json.loads(path.read_text())
+            if ranges_match(entry["ranges"], range_summary(resolved)):
+                return dict(entry["mc"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # missing or damaged: recomputed
+        return None
 
     def monte_carlo(self, combo: Combination, resolved: Mapping[str, Any]) -> dict[str, Any]:
         """The ``mc_*`` columns (and ``mc_seconds``) of one combination.
 
-        With ``cache_dir``, a result is stored under :meth:`mc_cache_key` and reused by later
-        runs — re-validating after an engine change reruns only the estimate; any change to the
-        config, ranges, images, instances, weights or simulator code misses the cache."""
+        With ``cache_dir``, a result is stored under :meth:`mc_cache_key` with a summary of the
+        resolved ranges, and reused by later runs whose ranges match it — re-validating after an
+        engine change reruns only the estimate; any change to the config, images, instances,
+        weights or simulator code, or a range change beyond :data:`RANGE_MATCH_RTOL`, reruns it."""
         from cimstat.montecarlo import measure
 
-        path = None
-        if self.cache_dir is not None:
-            path = Path(self.cache_dir) / f"{self.mc_cache_key(combo, resolved)}.json"
-            if path.is_file():
-                try:
-                    return {**json.loads(path.read_text()), "mc_cached": True}
-                except (OSError, json.JSONDecodeError):
-                    pass  # a damaged entry is recomputed
+        cached = self.cached_monte_carlo(combo, resolved)
+        if cached is not None:
+            return {**cached, "mc_cached": True}
         t0 = time.perf_counter()
         result = measure(self._model, combo.config, resolved, self._loader, instances=self.instances_for(combo),
                          progress=False)
         mc = mc_columns(result, self.n_images)
         mc["mc_seconds"] = time.perf_counter() - t0
-        if path is not None:
+        if self.cache_dir is not None:
             from cimstat.sweeps.rundir import atomic_write_bytes
 
+            path = Path(self.cache_dir) / f"{self.mc_cache_key(combo)}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, json.dumps(mc).encode())
+            atomic_write_bytes(path, json.dumps({"ranges": range_summary(resolved), "mc": mc}).encode())
         return {**mc, "mc_cached": False}
+
+
+MC_CACHE_FORMAT = 2
+"""Version of the cache entry layout ({"ranges": summary, "mc": columns}, ranges out of the key)."""
+
+RANGE_MATCH_RTOL = 1e-4
+"""Resolved ranges that agree within this relative tolerance count as the same for the MC cache.
+Probes made with another thread count differ in the last float bits (on the default model:
+input ranges by ~1e-7, calibrated ADC ranges by ~1e-5 relative), which moves an MC SNR by
+< 1e-3 dB; an exact key would rerun every Monte Carlo of a fresh checkout for that."""
+
+
+def range_summary(resolved: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Per layer: [signed input, input range, ADC range summary], the summary being None (no ADC)
+    or [count, sum, sum of squares, min, max] of the ADC range array (in ADC input units)."""
+    out: dict[str, list[Any]] = {}
+    for name, r in resolved.items():
+        adc = None
+        if r.ranges.adc_range is not None:
+            a = np.asarray(r.ranges.adc_range, dtype=np.float64).ravel()
+            adc = [int(a.size), float(a.sum()), float((a * a).sum()), float(a.min()), float(a.max())]
+        input_range = None if r.ranges.input_range is None else float(r.ranges.input_range)
+        out[name] = [bool(r.ranges.signed_input), input_range, adc]
+    return out
+
+
+def ranges_match(a: Mapping[str, Any], b: Mapping[str, Any], rtol: float = RANGE_MATCH_RTOL) -> bool:
+    """Whether two :func:`range_summary` results describe the same ranges: same layers, same
+    signedness, same presence and count of ADC ranges, every number equal within ``rtol``."""
+    if set(a) != set(b):
+        return False
+
+    def close(x: Any, y: Any) -> bool:
+        if x is None or y is None:
+            return x is None and y is None
+        if isinstance(x, list) or isinstance(y, list):
+            return (isinstance(x, list) and isinstance(y, list) and len(x) == len(y)
+                    and all(close(u, v) for u, v in zip(x, y)))
+        if isinstance(x, (bool, int)) and isinstance(y, (bool, int)):
+            return x == y  # signedness, ADC range count
+        return math.isclose(float(x), float(y), rel_tol=rtol, abs_tol=0.0)
+
+    return all(close(a[k], b[k]) for k in a)
 
 
 SIMULATOR_FILES_SKIPPED = ("__init__.py", "__main__.py")
