@@ -327,32 +327,66 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
                   cfg.signed_input_encoding if signed else None, widths_in, cfg.weight_bits, cfg.weight_scale,
                   cfg.weight_encoding, widths_w, cfg.adc_signed, n_rows, len(codes), rows is None or len(rows)),
                  lambda: _partial_sums(codes, cfg, signed, conversions, tiles))
-    for (sign_in, ji, o_in, (a, b), st), per_conv in zip(_slices(codes, cfg, signed, tiles, device), sums):
-        for li, conv_list in enumerate(conversions):
-            delta = float(adc_table[ji, li]) / hi
-            for ci, (sign_pol, _, devs) in enumerate(conv_list):
-                w = sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li])
-                ps = per_conv[li][ci]
-                dev = dev_t[(li, devs)]
-                if dev is None:  # a function of the integer partial sum: once per distinct value, gathered
-                    values = np.zeros(1, dtype=np.int64) if ps is None else ps[0]
-                    m, v = _conditional_error(values.astype(np.float64), None, delta, lo, hi, sigma_n_lsb * delta)
-                    m, v = w * m, w * w * v  # scaled once per distinct value, then gathered
-                    det += m[0] if ps is None else m[ps[1]]
-                    if sigma_n_lsb > 0:
-                        rand += v[0] if ps is None else v[ps[1]]
-                    continue
-                p = np.zeros((n_s, c_out)) if ps is None else ps[0][ps[1]].astype(np.float64)
-                vd = np.zeros((n_s, c_out))
-                if st is not None:
-                    p += st @ dev[0][a:b]
-                    vd = (st * st) @ dev[1][a:b]
-                m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
-                det += w * m
-                rand += w * w * v
+    if not device:
+        _add_noiseless(det, rand, sums, codes, cfg, signed, tiles, conversions, adc_table, offsets_w, lo, hi,
+                       sigma_n_lsb)
+    else:  # device noise: per element (P plus the deviation's mean, its variance)
+        for (sign_in, ji, o_in, (a, b), st), per_conv in zip(_slices(codes, cfg, signed, tiles, device), sums):
+            for li, conv_list in enumerate(conversions):
+                delta = float(adc_table[ji, li]) / hi
+                for ci, (sign_pol, _, devs) in enumerate(conv_list):
+                    w = sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li])
+                    ps = per_conv[li][ci]
+                    dev = dev_t[(li, devs)]
+                    p = np.zeros((n_s, c_out)) if ps is None else ps[0][ps[1]].astype(np.float64)
+                    vd = np.zeros((n_s, c_out))
+                    if st is not None:
+                        p += st @ dev[0][a:b]
+                        vd = (st * st) @ dev[1][a:b]
+                    m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
+                    det += w * m
+                    rand += w * w * v
     y = cache(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
                              @ np.asarray(weight, dtype=np.float64).T)
     return _split(det[inverse], rand[inverse], y if rows is None else y[rows], weights)
+
+
+def _add_noiseless(det: np.ndarray, rand: np.ndarray, sums: list, codes: np.ndarray, cfg: LayerConfig,
+                   signed: bool, tiles: list, conversions: list, adc_table: np.ndarray, offsets_w: np.ndarray,
+                   lo: int, hi: int, sigma_n_lsb: float) -> None:
+    """Without device noise the conditional error of a conversion is a function of its integer partial sum
+    ``P``: every conversion's distinct values, in LSBs of its ADC (``P/Δ``), go through one call of
+    :func:`_conditional_error` (the error scales as ``Δ``, its variance as ``Δ²``), then each conversion's part
+    is scaled by ``±2^{o_j + o_l}·Δ`` and gathered into ``det`` (and ``rand`` under thermal noise)."""
+    parts, scales = [], []  # (distinct values, index) per conversion; (w·Δ, start in the concatenation)
+    start = 0
+    for (sign_in, ji, o_in, _, _), per_conv in zip(_slices(codes, cfg, signed, tiles, False), sums):
+        for li, conv_list in enumerate(conversions):
+            delta = float(adc_table[ji, li]) / hi
+            for ci, (sign_pol, _, _) in enumerate(conv_list):
+                ps = per_conv[li][ci]
+                values = np.zeros(1) if ps is None else ps[0] / delta
+                parts.append((values, None if ps is None else ps[1]))
+                scales.append((sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li]) * delta, start))
+                start += values.size
+    every = np.concatenate([v for v, _ in parts])
+    distinct, where = np.unique(every, return_inverse=True)  # conversions of one ADC step share most values
+    m_all, v_all = (r[where.ravel()] for r in _conditional_error(distinct, None, 1.0, lo, hi, sigma_n_lsb))
+    # under thermal noise the mean and the variance as one complex number: one gather and add for both
+    acc = np.zeros(det.shape, dtype=np.complex128 if sigma_n_lsb > 0 else np.float64)
+    gathered = np.empty_like(acc)  # one buffer for every gather (a fresh array each time costs page faults)
+    for (values, index), (scale, a) in zip(parts, scales):
+        table = scale * m_all[a:a + values.size]
+        if sigma_n_lsb > 0:
+            table = table + 1j * (scale * scale) * v_all[a:a + values.size]
+        if index is None:
+            acc += table[0]
+        else:
+            np.take(table, index, out=gathered)
+            acc += gathered
+    det += acc.real
+    if sigma_n_lsb > 0:
+        rand += acc.imag
 
 
 def sampled_input_error(sample: np.ndarray, weight: np.ndarray, w_eff: np.ndarray, cfg: LayerConfig, signed: bool,
