@@ -138,3 +138,24 @@ def test_thermal_error_on_the_lattice_near_the_clipping_ends(sigma):
     tol = 0.012 if sigma >= 2 else 2e-3       # the closed form above 2 LSB: ~1 % near the ends
     np.testing.assert_allclose(var + mean ** 2, exact_sq, rtol=tol)
     np.testing.assert_allclose(mean, exact_mean, atol=tol * sigma)
+
+
+@pytest.mark.parametrize("lo,hi", [(-16, 15), (0, 31), (-8, 7), (0, 3)])
+def test_fourier_moments_equal_the_sum_over_every_cell(lo, hi):
+    """The closed-form rounding sawtooth plus the clipped cells gives the moments of the sum over every ADC
+    cell, from 0.25 LSB of noise up, inside the range, at the ends and deep in clipping."""
+    from cimstat.engine.adc import fourier_cell_moments, gaussian_cell_moments
+
+    rng = np.random.default_rng(lo + 100 * hi)
+    delta = 3.7
+    p = np.concatenate([rng.uniform(lo - 6, hi + 6, 20_000), np.arange(lo - 3, hi + 4, 0.5)]) * delta
+    s = np.concatenate([rng.uniform(0.25, 3.0, 20_000), np.full(2 * (hi - lo + 7), 0.6)]) * delta
+    exact = gaussian_cell_moments(p, s, delta, lo, hi)
+    fast = fourier_cell_moments(p, s, delta, lo, hi)
+    for a, b, unit in zip(exact, fast, (delta, delta ** 2, delta ** 2)):
+        assert np.abs(a - b).max() < 1e-10 * unit
+    # far inside the range under wide noise: the textbook Δ²/12, no offset, no correlation with the noise
+    mid = np.array([(lo + hi) / 2 * delta])
+    if hi - lo > 20:
+        m, q, c = fourier_cell_moments(mid, np.array([1.2 * delta]), delta, lo, hi)
+        assert abs(m[0]) < 1e-12 and q[0] == pytest.approx(delta ** 2 / 12, rel=1e-9) and abs(c[0]) < 1e-9
