@@ -350,30 +350,39 @@ def _add_noiseless(det: np.ndarray, rand: np.ndarray, sums: list, codes: np.ndar
                    signed: bool, tiles: list, conversions: list, adc_table: np.ndarray, offsets_w: np.ndarray,
                    lo: int, hi: int, sigma_n_lsb: float) -> None:
     """Without device noise the conditional error of a conversion is a function of its integer partial sum
-    ``P``: every conversion's distinct values, in LSBs of its ADC (``P/Δ``), go through one call of
+    ``P``: the distinct values of the conversions of each ADC step, in LSBs (``P/Δ``), go through one call of
     :func:`_conditional_error` (the error scales as ``Δ``, its variance as ``Δ²``), then each conversion's part
     is scaled by ``±2^{o_j + o_l}·Δ`` and gathered into ``det`` (and ``rand`` under thermal noise)."""
-    parts, scales = [], []  # (distinct values, index) per conversion; (w·Δ, start in the concatenation)
-    start = 0
+    parts = []      # per conversion: (its distinct partial sums or None, their index, w·Δ, its ADC step's group)
+    groups: dict[tuple[int, int], list[int]] = {}
     for (sign_in, ji, o_in, _, _), per_conv in zip(_slices(codes, cfg, signed, tiles, False), sums):
         for li, conv_list in enumerate(conversions):
             delta = float(adc_table[ji, li]) / hi
             for ci, (sign_pol, _, _) in enumerate(conv_list):
                 ps = per_conv[li][ci]
-                values = np.zeros(1) if ps is None else ps[0] / delta
-                parts.append((values, None if ps is None else ps[1]))
-                scales.append((sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li]) * delta, start))
-                start += values.size
-    every = np.concatenate([v for v, _ in parts])
-    distinct, where = np.unique(every, return_inverse=True)  # conversions of one ADC step share most values
-    m_all, v_all = (r[where.ravel()] for r in _conditional_error(distinct, None, 1.0, lo, hi, sigma_n_lsb))
+                groups.setdefault((ji, li), []).append(len(parts))
+                parts.append((None if ps is None else ps[0], None if ps is None else ps[1],
+                              sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li]) * delta, (ji, li)))
+    # conversions of one ADC step share most partial sums: each distinct one of a step once (a table over the span)
+    position = [None] * len(parts)  # each conversion's values -> rows of the one evaluation below
+    lsb, n_rows = [], 0
+    for (ji, li), members in groups.items():
+        ints = [np.zeros(1, dtype=np.int64) if parts[i][0] is None else parts[i][0] for i in members]
+        values, index = _distinct(np.concatenate([np.asarray(v, dtype=np.int64) for v in ints]))
+        start = 0
+        for i, v in zip(members, ints):
+            position[i] = n_rows + index[start:start + v.size]
+            start += v.size
+        lsb.append(values / (float(adc_table[ji, li]) / hi))
+        n_rows += values.size
+    m_all, v_all = _conditional_error(np.concatenate(lsb), None, 1.0, lo, hi, sigma_n_lsb)
     # under thermal noise the mean and the variance as one complex number: one gather and add for both
     acc = np.zeros(det.shape, dtype=np.complex128 if sigma_n_lsb > 0 else np.float64)
     gathered = np.empty_like(acc)  # one buffer for every gather (a fresh array each time costs page faults)
-    for (values, index), (scale, a) in zip(parts, scales):
-        table = scale * m_all[a:a + values.size]
+    for (_, index, scale, _), pos in zip(parts, position):
+        table = scale * m_all[pos]
         if sigma_n_lsb > 0:
-            table = table + 1j * (scale * scale) * v_all[a:a + values.size]
+            table = table + 1j * (scale * scale) * v_all[pos]
         if index is None:
             acc += table[0]
         else:
