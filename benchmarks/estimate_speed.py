@@ -28,6 +28,10 @@ CONFIGS = {
     "adc6_r256": dict(input_bits=8, weight_bits=8, rows_per_array=256, adc_bits=6, adc_range=0.0),
     "bitserial_ws2_adc6": dict(input_bits=8, weight_bits=8, input_slice_bits=1, weight_slice_bits=2,
                                rows_per_array=128, adc_bits=6, adc_range=0.0, adc_thermal_noise_lsb=0.5),
+    # the slowest kind: device noise under an ADC, per element (as design-in4-w4-adc5 of the validation sweep)
+    "in4_w4_adc5_read2": dict(input_bits=4, weight_bits=4, input_slice_bits=2, weight_slice_bits=1,
+                              rows_per_array=128, adc_bits=5, adc_range=0.0, adc_thermal_noise_lsb=1.0,
+                              read_noise=0.02),
 }
 
 

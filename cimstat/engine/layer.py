@@ -437,7 +437,7 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
         mom, w = model.moment, model.weight
         sp = coherent_parts(mom.pinned_mean(w), mom.quad_form(w), dw * (sums.mean @ b),
                             dw * plan.offset_code * dx * (sums.count @ b), dw * (sums.moment_w @ b),
-                            dw ** 2 * mom.quad_form(b[wq.codes + lut.qmax]))
+                            dw ** 2 * mom.quad_form_single(b.astype(np.float32)[wq.codes + lut.qmax]))
         bias_err, gain, offset = sp.energy, sp.gain, sp.offset
         if sums.sens is not None:
             bias_fixed = (dw ** 2 * (sums.sens @ (b * b)) - 2 * gain * dw * (sums.sens_w @ b)
