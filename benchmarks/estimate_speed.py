@@ -3,7 +3,8 @@
     python benchmarks/estimate_speed.py [--repeats 3] [--mc-images 20]
 
 For a few configurations: the median wall time of ``Engine.estimate`` (warm caches for
-config-independent data, a fresh config each repeat so per-config work is redone), and
+config-independent data, a fresh config each repeat so per-config work is redone: a new read-noise
+level, or a new thermal-noise level under an ADC), and
 for the default network the ratio to one Monte Carlo instance on ``--mc-images`` validation
 images scaled to the probe set size. ResNet-18 224x224 uses synthetic probes of the true
 layer shapes (timing only). Prints CPU time and thread count too.
@@ -50,10 +51,13 @@ def _configs(thermal_offset: float) -> dict[str, HardwareConfig]:
 
 
 def time_engine(engine: Engine, repeats: int, cold: dict | None = None) -> dict[str, tuple[float, float]]:
-    """Median (wall s, CPU s) per config, first call excluded (its times go to ``cold``)."""
+    """Median (wall s, CPU s) per config, first call excluded (its times go to ``cold``). Each config's
+    repeats run back to back, as in a sweep over noise levels within one quantization structure: five
+    structures in turn would evict each other's partial sums from the per-layer cache."""
     res: dict[str, list[tuple[float, float]]] = {n: [] for n in CONFIGS}
-    for r in range(repeats + 1):
-        for name, cfg in _configs(0.01 * r).items():
+    for name in CONFIGS:
+        for r in range(repeats + 1):
+            cfg = _configs(0.01 * (r + 1))[name]
             resolved = engine.resolve(cfg)
             w0, c0 = time.perf_counter(), time.process_time()
             engine.estimate(cfg, resolved)
