@@ -7,8 +7,9 @@ passes and slices are formed as in ``hardware.py`` and every conversion's ideal 
 ``P = Σ_k s_jk c_k`` over a row tile is computed exactly (integers). Given ``P`` the ADC error
 ``err = Q(P + d + n) - (P + d)`` is integrated in closed form over the device deviation
 ``d ~ N(μ_d, σ_d²)`` (``μ_d = Σ_k s_jk E[δ_k]``, ``σ_d² = Σ_k s_jk² Var δ_k``) and the thermal
-noise ``n ~ N(0, σ_n²)`` (Gaussian cell probabilities, :func:`cimstat.engine.adc.gaussian_cell_moments`),
-or exactly (``Q(P) - P``, round half to even) when neither is present. Per vector and output
+noise ``n ~ N(0, σ_n²)`` (Gaussian cell probabilities, :func:`cimstat.engine.adc.gaussian_cell_moments`, below
+half an LSB of noise; from there the rounding sawtooth in closed form plus the clipped cells,
+:func:`cimstat.engine.adc.fourier_cell_moments`), or exactly (``Q(P) - P``, round half to even) when neither is present. Per vector and output
 channel the conversions add with their shift-and-add weights ``±2^{o_j + o_l}``: the conditional
 means as amplitudes (a background patch's rounding errors of every slice add coherently), the
 conditional variances as variances. Over the sample this gives per channel the offset ``E[e]``,
