@@ -100,7 +100,7 @@ def gaussian_cell_moments(p: np.ndarray, s: np.ndarray, delta: float, lo: int, h
 
 FOURIER_MIN_SIGMA = 0.25
 """Smallest noise (in ADC steps) for :func:`fourier_cell_moments`: its series then converges to double precision
-within ``_FOURIER_TERMS`` terms (the last one weighs ``exp(-2π²k²σ²)`` < 1e-26)."""
+within ``_FOURIER_TERMS`` terms (the first term left out, k = 7, weighs ``exp(-2π²k²σ²)`` < 1e-26)."""
 _FOURIER_TERMS = 6
 _END_WINDOW = 7.5  #: clipped cells summed within ±this many σ of the mean (Gaussian tails below 4e-14)
 _CELL_GROUP = 4    #: elements grouped by clipped-cell count rounded up to a multiple of this
