@@ -32,7 +32,7 @@ from torch import nn
 from cimstat.network import AnalogLayerSpec, analog_layers
 
 __all__ = ["SMALL_FAN_IN", "SAMPLE_SIZE", "SAMPLE_ELEMENTS", "LARGE_SAMPLE_MIN", "sample_size",
-           "collect_input_samples"]
+           "collect_input_samples", "collect_input_samples_with_gradients"]
 
 SMALL_FAN_IN = 512
 """Layers with at most this many inputs per output keep ``SAMPLE_SIZE`` float32 vectors (default model:
@@ -66,43 +66,105 @@ def collect_input_samples(folded: nn.Module, batches: Iterable[tuple[torch.Tenso
     """``{layer: (S, K)}`` (float32 for ``K <= SMALL_FAN_IN``, else float16; ``S = sample_size(K, size)``)
     for the analog layers of ``folded`` (only those with ``K <= max_fan_in`` when given) over
     ``batches`` (``n_images`` images in all; see the module docstring)."""
+    return _collect(folded, batches, n_images, size, max_fan_in, seed, gradients=False)[0]
+
+
+def collect_input_samples_with_gradients(folded: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                                         n_images: int, *, size: int = SAMPLE_SIZE, max_fan_in: int | None = None,
+                                         seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The samples of :func:`collect_input_samples` (the same vectors for the same arguments) and, per layer,
+    ``(S, C_out)`` float16 *gradient weights*: for sampled vector ``s`` (image ``n``, output position ``p``)
+    and output channel ``c``, ``G_sc = Σ_j (∂z_j/∂y_{c,p})²`` on image ``n`` (one backward pass per logit),
+    divided by its mean over the sample (1 where that mean is 0). An error of variance ``v_sc`` at those
+    outputs reaches the logits as ``Σ_c ratio[c, :]·E_s[v_sc·G_sc]``, not ``E_s[v_sc]``: where errors sit on
+    the outputs the logits are most sensitive to (on MNIST an ADC's rounding error is 0 on background patches
+    and the gradients are largest on the strokes) the white-noise ``ratio`` alone under-counts them."""
+    return _collect(folded, batches, n_images, size, max_fan_in, seed, gradients=True)
+
+
+def _collect(folded: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int, size: int,
+             max_fan_in: int | None, seed: int, gradients: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     if size < 1 or n_images < 1:
         raise ValueError(f"size={size} and n_images={n_images} must be positive")
     gen = torch.Generator().manual_seed(int(seed))
     kept: dict[str, list[torch.Tensor]] = {}
+    picks: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    energy: dict[str, list[torch.Tensor]] = {}
     specs: dict[str, AnalogLayerSpec] = {}
     hooks = []
 
     def hook_for(name: str):
-        def hook(_m, inputs, _output):
+        def hook(_m, inputs, output):
             cols = _patches(specs[name], inputs[0].detach().float())          # (B, P, K)
             b, p, k = cols.shape
             take = min(max(1, math.ceil(sample_size(k, size) / n_images)), p)
             pick = torch.stack([torch.randperm(p, generator=gen)[:take] for _ in range(b)])
             kept[name].append(torch.gather(cols, 1, pick.unsqueeze(-1).expand(b, take, k)).reshape(-1, k).clone())
+            if gradients:
+                picks[name] = pick
+                outputs[name] = output
+                # the network continues with a copy: an in-place ReLU would otherwise rebase `output`
+                return output.clone()
+            return None
         return hook
 
     modules = dict(folded.named_modules())
+    params = [p.requires_grad for p in folded.parameters()]
     try:
-        with torch.no_grad():
-            for images, _ in batches:
-                if not hooks:
-                    for spec in analog_layers(folded, images[:1]):
-                        if (max_fan_in is None or spec.fan_in <= max_fan_in) and spec.groups == 1:
-                            specs[spec.name] = spec
-                            kept[spec.name] = []
-                            hooks.append(modules[spec.name].register_forward_hook(hook_for(spec.name)))
-                folded(images.float())
+        for p in folded.parameters():
+            p.requires_grad_(False)
+        for images, _ in batches:
+            if not hooks:
+                for spec in analog_layers(folded, images[:1]):
+                    if (max_fan_in is None or spec.fan_in <= max_fan_in) and spec.groups == 1:
+                        specs[spec.name] = spec
+                        kept[spec.name] = []
+                        energy[spec.name] = []
+                        hooks.append(modules[spec.name].register_forward_hook(hook_for(spec.name)))
+            if not gradients:
+                with torch.no_grad():
+                    folded(images.float())
+                continue
+            with torch.enable_grad():
+                x = images.float().clone().requires_grad_(True)
+                z = folded(x)
+                names = list(outputs)
+                ys = [outputs[n] for n in names]
+                acc = {n: 0.0 for n in names}
+                for d in range(z.shape[1]):
+                    grad_out = torch.zeros_like(z)
+                    grad_out[:, d] = 1.0
+                    grads = torch.autograd.grad(z, ys, grad_outputs=grad_out, retain_graph=d < z.shape[1] - 1)
+                    for n, g in zip(names, grads):
+                        g = g.detach().reshape(g.shape[0], g.shape[1], -1)           # (B, C_out, P)
+                        at = torch.gather(g, 2, picks[n].unsqueeze(1).expand(-1, g.shape[1], -1))
+                        acc[n] = acc[n] + at.double() ** 2                             # (B, C_out, take)
+                for n in names:
+                    energy[n].append(acc[n].transpose(1, 2).reshape(-1, acc[n].shape[1]))
+            outputs.clear()
+            picks.clear()
     finally:
         for h in hooks:
             h.remove()
-    out = {}
+        for p, req in zip(folded.parameters(), params):
+            p.requires_grad_(req)
+    out, weights = {}, {}
     for name, parts in kept.items():
         if not parts:
             continue
         allv = torch.cat(parts)
         n_keep = sample_size(allv.shape[1], size)
+        rows = None
         if allv.shape[0] > n_keep:
-            allv = allv[torch.linspace(0, allv.shape[0] - 1, n_keep).round().long()]
+            rows = torch.linspace(0, allv.shape[0] - 1, n_keep).round().long()
+            allv = allv[rows]
         out[name] = allv.numpy().astype(np.float32 if allv.shape[1] <= SMALL_FAN_IN else np.float16)
-    return out
+        if gradients:
+            g = torch.cat(energy[name])
+            if rows is not None:
+                g = g[rows]
+            mean = g.mean(0, keepdim=True)
+            rel = torch.where(mean > 0, g / torch.where(mean > 0, mean, torch.ones_like(mean)), torch.ones_like(g))
+            weights[name] = rel.numpy().astype(np.float16)
+    return out, weights

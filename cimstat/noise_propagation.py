@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cimstat.input_sample import collect_input_samples
+from cimstat.input_sample import collect_input_samples_with_gradients
 from cimstat.network import AnalogLayerSpec, analog_layers, fold_batchnorm
 from cimstat.probes import NOISE_SCHEMA_VERSION, ActivationStats, LayerNoiseProp, NoiseProp, utc_now
 
@@ -343,10 +343,12 @@ def noise_propagation(model: nn.Module, model_name: str, dataset: str, stats: Ac
     # input samples of every layer over the images stat.pkl describes (not only the first n_images)
     n_stat = int(stats.meta["n_images"])
     sample_batches = tqdm(data.loader(dataset, "probe", 100, root, n_images=n_stat), unit="batch",
-                          desc=f"input samples ({n_stat} images)", disable=not progress)
-    for name, sample in collect_input_samples(folded, sample_batches, n_stat, seed=seed).items():
+                          desc=f"input samples and gradient weights ({n_stat} images)", disable=not progress)
+    samples, grad_weights = collect_input_samples_with_gradients(folded, sample_batches, n_stat, seed=seed)
+    for name, sample in samples.items():
         if name in layers:
             layers[name].input_sample = sample
+            layers[name].sample_grad_weight = grad_weights[name]
     meta = {"schema_version": NOISE_SCHEMA_VERSION, "model": model_name, "fingerprint": stats.meta["fingerprint"],
             "dataset": dataset, "split": "probe",
             "split_note": "the first n_images of the images stat.pkl was probed on",

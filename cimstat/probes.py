@@ -38,8 +38,12 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1          #: of ``stat.pkl``
-NOISE_SCHEMA_VERSION = 5    #: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``; 4: ``input_sample`` of small layers; 5: of every layer)
-NOISE_SCHEMA_READABLE = (3, 4, 5)  #: versions :func:`read_noise_prop` accepts (3: no input samples, 4: samples of small layers only; the engine models the ADC input of layers without one)
+#: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``;
+#: 4: ``input_sample`` of small layers; 5: of every layer; 6: ``sample_grad_weight``)
+NOISE_SCHEMA_VERSION = 6
+#: versions :func:`read_noise_prop` accepts (3: no input samples, 4: samples of small layers only, the engine
+#: models the ADC input of layers without one; 5: no gradient weights, white errors taken as stationary)
+NOISE_SCHEMA_READABLE = (3, 4, 5, 6)
 STAT_FILE = "stat.pkl"
 NOISE_PROP_FILE = "noise_prop.pkl"
 _STAT_SCHEMA = "cimstat.stat"
@@ -175,6 +179,11 @@ class LayerNoiseProp:
     #: its ADC and input-rounding expectations over it where moments are not enough (conv1: whole
     #: all-background patches are one point mass; deeper layers: clipping at tight calibrated ranges)
     input_sample: np.ndarray | None = None
+    #: (S, C_out) float16, mean 1 per channel: the gradient weight of each sampled vector's outputs,
+    #: ``Σ_j (∂z_j/∂y_{c,p})²`` at its image and position over its mean (schema 6;
+    #: :func:`cimstat.input_sample.collect_input_samples_with_gradients`). The engine weights the white
+    #: (per-read) errors it takes over the sample by it: errors that sit where the logits are sensitive count more
+    sample_grad_weight: np.ndarray | None = None
 
 
 @dataclass
@@ -463,6 +472,12 @@ def read_noise_prop(path: str | Path, stats: ActivationStats | None = None) -> N
                                       gain, offset, ratio_img, sens_img,
                                       r.array(d, "weight_grad", where, (n_coh, n_dir, c_out, k_), optional=True),
                                       r.array(d, "input_sample", where, (None, k_), optional=True))
+        sample = layers[name].input_sample
+        gw = r.array(d, "sample_grad_weight", where, (None if sample is None else sample.shape[0], c_out),
+                     optional=True)
+        if gw is not None and sample is None:
+            raise r.fail(f"{where} has sample_grad_weight but no input_sample")
+        layers[name].sample_grad_weight = gw
     if stats is not None:
         missing = [n for n in stats.layers if n not in layers]
         if missing:

@@ -158,6 +158,10 @@ def test_malformed_stat_file(tiny_probe_dir, tmp_path, mutate, message):
     (lambda doc: doc["layers"][0].__setitem__("ratio", np.ones((3, 3))), "shape"),
     (lambda doc: doc["layers"][1].pop("weight_sens"), "missing key 'weight_sens'"),
     (lambda doc: doc["meta"].pop("method"), "missing key 'method'"),
+    (lambda doc: doc["layers"][0].__setitem__("sample_grad_weight", np.ones((5, 4), np.float16)),
+     "sample_grad_weight but no input_sample"),
+    (lambda doc: doc["layers"][0].update(input_sample=np.ones((5, 18), np.float32),
+                                         sample_grad_weight=np.ones((6, 4), np.float16)), "sample_grad_weight.*shape"),
 ])
 def test_malformed_noise_prop_file(tiny_probe_dir, tmp_path, mutate, message):
     d = _copy(tiny_probe_dir[0], tmp_path)

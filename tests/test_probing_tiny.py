@@ -283,3 +283,46 @@ def test_wide_layers_keep_a_smaller_float16_sample(monkeypatch):
     direct = _direct_patches(folded, images)["conv2"][0].float().numpy().astype(np.float16).astype(np.float32)
     match = np.abs(got["conv2"].astype(np.float32)[:, None, :] - direct[None, :, :]).max(-1) == 0
     assert match.any(1).all()
+
+
+def test_gradient_weights_are_the_logit_sensitivity_of_each_sampled_output():
+    """``collect_input_samples_with_gradients`` keeps the same vectors as ``collect_input_samples`` and, per
+    vector and output channel, ``Σ_j (∂z_j/∂y_{c,p})²`` of its own image and position (relative to the
+    sample's mean), checked against autograd on every output of the tiny network (in-place residual included)."""
+    from cimstat.input_sample import collect_input_samples, collect_input_samples_with_gradients
+
+    folded, images = _tiny(n_classes=3)
+    images = torch.randn(images.shape, generator=torch.Generator().manual_seed(5))
+    batches = [(images[:5], None), (images[5:], None)]
+    plain = collect_input_samples(folded, batches, len(images), size=40, seed=3)
+    samples, weights = collect_input_samples_with_gradients(folded, batches, len(images), size=40, seed=3)
+    assert set(samples) == set(plain) == set(weights) == {"conv1", "conv2", "fc"}
+    direct = _direct_patches(folded, images)
+    # autograd reference: Σ_j (∂z_j/∂y)² at every output of every layer
+    mods = dict(folded.named_modules())
+    outs = {}
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o) or o.clone())
+             for n in samples]
+    x = images.clone().requires_grad_(True)
+    z = folded(x)
+    for h in hooks:
+        h.remove()
+    energy = {n: 0.0 for n in samples}
+    for j in range(z.shape[1]):
+        grads = torch.autograd.grad(z[:, j].sum(), [outs[n] for n in samples], retain_graph=True)
+        for n, g in zip(samples, grads):
+            energy[n] = energy[n] + g.reshape(g.shape[0], g.shape[1], -1) ** 2
+    for name, sample in samples.items():
+        np.testing.assert_array_equal(sample, plain[name])
+        got = weights[name].astype(np.float64)
+        assert got.shape == (sample.shape[0], outs[name].shape[1])
+        cols = direct[name][0].float().numpy()
+        n_pos = cols.shape[0] // len(images)
+        match = np.abs(sample[:, None, :] - cols[None, :, :]).max(-1) < 1e-6
+        unique = match.sum(1) == 1
+        assert unique.sum() >= 0.8 * len(sample), name
+        where = match[unique].argmax(1)
+        ref = energy[name].detach().numpy()[where // n_pos, :, where % n_pos]    # (vectors, C_out)
+        assert np.all(ref.max(0) > 0), name
+        got_u = got[unique]
+        np.testing.assert_allclose(got_u / got_u.mean(0), ref / ref.mean(0), rtol=2e-3, atol=2e-3, err_msg=name)

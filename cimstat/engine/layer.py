@@ -112,6 +112,9 @@ class LayerModel:
         #: (S, K) probed input vectors (``noise_prop.pkl`` ``input_sample``) or None: with it the ADC
         #: error is an expectation over the sample (:mod:`.sampled_adc`) instead of the moment model
         self.input_sample: np.ndarray | None = None
+        #: (S, C_out) gradient weights of the sampled outputs (``noise_prop.pkl`` ``sample_grad_weight``) or None:
+        #: the white errors are weighted by them (:func:`cimstat.input_sample.collect_input_samples_with_gradients`)
+        self.input_grad_weight: np.ndarray | None = None
         #: (C_out, K) per-weight sensitivities ``S_ck`` of the logits (``noise_prop.pkl`` ``weight_sens``) or
         #: None: with them the device-noise fixed errors are returned contracted (``LayerEstimate.fixed_channel``)
         self.weight_sens: np.ndarray | None = None
@@ -473,7 +476,8 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
     def run(sigma: float) -> SampledError:
         key = ("sadc", repr(cfg), signed, x_range, table.tobytes(), sigma)
         return model.cached(key, lambda: sampled_adc_error(model.input_sample, model.weight, cfg, signed, x_range,
-                                                           table, convs, noise_terms, sigma, model.cached))
+                                                           table, convs, noise_terms, sigma, model.cached,
+                                                           model.input_grad_weight))
     sigma = float(cfg.adc_thermal_noise_lsb)
     t = run(sigma)  # the error with every noise present
     q_energy = t.energy
@@ -482,14 +486,21 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
         # repeats (and that add as amplitudes) into independent ones (measured on a 1-bit-slice lattice:
         # 0.05 LSB of noise lowers the ADC error 28 %). Its share is the extra variance it redraws per read
         # (all of it without device noise); the rest of the error with noise present is the quantization's.
-        redrawn = t.random - (run(0.0).random if noise is not None else 0.0)
+        # (the white parts weighted by where on the outputs they sit: SampledError.white)
+        t0 = run(0.0) if noise is not None else None
+        redrawn = t.random - (t0.random if t0 is not None else 0.0)
         thermal = np.minimum(np.maximum(redrawn, 0.0), t.energy)
+        thermal_white = np.minimum(np.maximum(t.random_white - (t0.random_white if t0 is not None else 0.0), 0.0),
+                                   t.white)
         error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * thermal
-        white[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * thermal
+        white[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * thermal_white
         q_energy = t.energy - thermal
+        q_white = t.white - thermal_white
+    else:
+        q_white = t.white
     q_energy = np.maximum(q_energy, 0.0)  # may go below 0 only by absorbing device noise (see sampled_adc)
     error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * q_energy
-    white[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * np.maximum(q_energy - t.coherent_sq, 0.0)
+    white[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * np.maximum(q_white, 0.0)
     gain[ErrorSource.ADC_QUANTIZATION] = scale * t.gain
     offset[ErrorSource.ADC_QUANTIZATION] = scale * t.offset
 
@@ -547,11 +558,14 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
             # whole patches); the part beyond gain and offset keeps the model's white : fixed split
             def build_sampled():
                 s_iq = sampled_input_error(model.input_sample, model.weight, w_eff, cfg, bool(ranges.signed_input),
-                                           float(ranges.input_range))
+                                           float(ranges.input_range), model.input_grad_weight)
                 rest = np.maximum(s_iq.energy - s_iq.coherent_sq, 0.0)
                 model_rest = resid + sp.residual_sq
-                f = np.where(model_rest > 0, rest / np.where(model_rest > 0, model_rest, 1.0), 0.0)
-                return s_iq.energy, resid * f, res2 * f[:, None], s_iq.gain, s_iq.offset
+
+                def share(part: np.ndarray) -> np.ndarray:
+                    return np.where(model_rest > 0, part / np.where(model_rest > 0, model_rest, 1.0), 0.0)
+                # the white part weighted by where on the outputs it sits (SampledError.white)
+                return s_iq.energy, resid * share(s_iq.white), res2 * share(rest)[:, None], s_iq.gain, s_iq.offset
             e, resid, res2, a, m = model.cached(key + ("sampled",), build_sampled)
         error[ErrorSource.INPUT_QUANTIZATION] = e
         white[ErrorSource.INPUT_QUANTIZATION] = resid

@@ -163,6 +163,8 @@ class Engine:
                 lp = noise_prop.layers[n]
                 if lp.input_sample is not None:
                     self.layers[n].input_sample = np.asarray(lp.input_sample, dtype=np.float32)
+                    if lp.sample_grad_weight is not None:
+                        self.layers[n].input_grad_weight = np.asarray(lp.sample_grad_weight, dtype=np.float32)
                 cls = np.asarray(lp.weight_sens_class, dtype=np.float64)
                 share = cls / np.maximum(cls.sum(1, keepdims=True), 1e-300)
                 sens = np.asarray(lp.weight_sens, dtype=np.float64)

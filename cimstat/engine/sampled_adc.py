@@ -70,6 +70,11 @@ class SampledError:
     gain: np.ndarray     #: (C_out,) a_c = Cov(E[e|x], y)/Var(y), y = W x (code units per output unit)
     offset: np.ndarray   #: (C_out,) m_c = E[e] - a_c E[y]
     coherent_sq: np.ndarray  #: (C_out,) E[(a y + m)²] of the gain + offset part (code units²)
+    #: (C_out,) ``E[(r² + Var(e|x))·G]``: the remainder ``r = E[e|x] - a y - m`` and the per-read part weighted by
+    #: the probed gradient weights ``G`` of the sampled outputs (mean 1; 1 without them), what the white-noise
+    #: ratio propagates (:func:`cimstat.input_sample.collect_input_samples_with_gradients`)
+    white: np.ndarray | None = None
+    random_white: np.ndarray | None = None  #: (C_out,) ``E[Var(e|x)·G]``: the per-read part of ``white``
 
 
 def _code_max(cfg: LayerConfig, signed: bool) -> int:
@@ -282,14 +287,15 @@ def _partial_sums(codes: np.ndarray, cfg: LayerConfig, signed: bool, conversions
 
 def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float,
                       adc_table: np.ndarray, conversions: list, noise_terms, sigma_n_lsb: float,
-                      cache=None) -> SampledError:
+                      cache=None, grad_weight: np.ndarray | None = None) -> SampledError:
     """ADC error of one layer over its input sample (see the module docstring).
 
     ``conversions``: per weight slice, ``(sign, coefficient levels (C_out, K), devices)`` as in
     :func:`cimstat.engine.layer._conversions`; ``noise_terms(li, devs)``: ``None`` without device noise,
     else ``(E[δ] (C_out, K), Var δ (C_out, K))`` of that conversion (signs applied); ``sigma_n_lsb``:
     ADC thermal noise in LSBs (0 for the quantization-only error); ``cache(key, build)``: where the
-    config-independent pieces (distinct code vectors, float outputs of the sample) are kept between calls.
+    config-independent pieces (distinct code vectors, float outputs of the sample) are kept between calls;
+    ``grad_weight``: (S, C_out) the sample's gradient weights (``SampledError.white``), or None.
     """
     cache = cache or _no_cache
     c_out, k = weight.shape
@@ -344,7 +350,8 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
                     rand += w * w * v
     y = cache(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
                              @ np.asarray(weight, dtype=np.float64).T)
-    return _split(det[inverse], rand[inverse], y if rows is None else y[rows], weights)
+    gw = None if grad_weight is None else (grad_weight if rows is None else grad_weight[rows])
+    return _split(det[inverse], rand[inverse], y if rows is None else y[rows], weights, gw)
 
 
 def _add_noiseless(det: np.ndarray, rand: np.ndarray, sums: list, codes: np.ndarray, cfg: LayerConfig,
@@ -395,17 +402,19 @@ def _add_noiseless(det: np.ndarray, rand: np.ndarray, sums: list, codes: np.ndar
 
 
 def sampled_input_error(sample: np.ndarray, weight: np.ndarray, w_eff: np.ndarray, cfg: LayerConfig, signed: bool,
-                        x_range: float) -> SampledError:
+                        x_range: float, grad_weight: np.ndarray | None = None) -> SampledError:
     """Input rounding + clipping error ``(Δx·q - x)·W_eff`` over the sample (output units), split like
     the ADC error (its ``random`` part is 0: the error is a function of the input)."""
     x = np.asarray(sample, dtype=np.float64)
     e = (sample_codes(x, cfg, signed, x_range) * (float(x_range) / _code_max(cfg, signed)) - x) @ np.asarray(w_eff, dtype=np.float64).T
-    return _split(e, np.zeros_like(e), x @ np.asarray(weight, dtype=np.float64).T)
+    return _split(e, np.zeros_like(e), x @ np.asarray(weight, dtype=np.float64).T, None, grad_weight)
 
 
-def _split(det: np.ndarray, rand: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> SampledError:
+def _split(det: np.ndarray, rand: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None,
+           grad_weight: np.ndarray | None = None) -> SampledError:
     """Per channel: energy, per-read part, and the least-squares gain/offset of ``det`` on ``y`` (means over
-    the vectors, weighted by ``weights`` where a reduced sample gives them)."""
+    the vectors, weighted by ``weights`` where a reduced sample gives them); the white part weighted by
+    ``grad_weight`` (S, C_out) too where given, renormalised to mean 1 over these vectors."""
     if weights is None:
         def mean(a: np.ndarray) -> np.ndarray:
             return a.mean(0)
@@ -423,4 +432,15 @@ def _split(det: np.ndarray, rand: np.ndarray, y: np.ndarray, weights: np.ndarray
     coherent = gain * gain * (var_y + ey * ey) + 2 * gain * offset * ey + offset * offset
     random = mean(rand)
     energy = mean(det * det) + random
-    return SampledError(energy=energy, random=random, gain=gain, offset=offset, coherent_sq=np.maximum(coherent, 0.0))
+    coherent_sq = np.maximum(coherent, 0.0)
+    if grad_weight is None:
+        random_white, white = random, np.maximum(energy - coherent_sq, 0.0)
+    else:
+        g = np.asarray(grad_weight, dtype=np.float64)
+        norm = mean(g)
+        g = g / np.where(norm > 0, norm, 1.0)
+        r = det - gain * y - offset
+        random_white = mean(rand * g)
+        white = mean(r * r * g) + random_white
+    return SampledError(energy=energy, random=random, gain=gain, offset=offset, coherent_sq=coherent_sq,
+                        white=white, random_white=random_white)
