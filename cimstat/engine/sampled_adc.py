@@ -25,7 +25,7 @@ the same images the other statistics describe; a weighted part of it where the e
 below would be exceeded — the vectors of largest input, whose partial sums clip, whole, and an evenly
 strided part of the others (``HEAVY_SHARE``); e.g. about 80 vectors x 512 channels of a 4608-input layer
 with 1-bit input slices), float16 storage of the wide layers' vectors, and the Gaussian shape of the device deviation of
-one partial sum (a sum over the tile's devices). On the validation sweep's 36 reported configurations
+one partial sum (a sum over the tile's devices). On the validation sweep's 38 reported configurations
 (``docs/validation.md``) the layers' isolated SNRs are within 1.27 dB of the Monte Carlo (median 0.04). The
 worst pairs are offset weights under a calibrated ADC, where the clipped tail sets the error; against a
 1000-image MC every layer of that configuration is within 0.49 dB (median 0.08):
