@@ -70,9 +70,10 @@ class SampledError:
     gain: np.ndarray     #: (C_out,) a_c = Cov(E[e|x], y)/Var(y), y = W x (code units per output unit)
     offset: np.ndarray   #: (C_out,) m_c = E[e] - a_c E[y]
     coherent_sq: np.ndarray  #: (C_out,) E[(a y + m)²] of the gain + offset part (code units²)
-    #: (C_out,) ``E[(r² + Var(e|x))·G]``: the remainder ``r = E[e|x] - a y - m`` and the per-read part weighted by
-    #: the probed gradient weights ``G`` of the sampled outputs (mean 1; 1 without them), what the white-noise
-    #: ratio propagates (:func:`cimstat.input_sample.collect_input_samples_with_gradients`)
+    #: (C_out,) ``E[(r² + Var(e|x))·G]``: the remainder ``r = E[e|x] - a y - m`` (plus its cross term with the
+    #: device bias's remainder, see :func:`_split`) and the per-read part, weighted by the probed gradient
+    #: weights ``G`` of the sampled outputs (mean 1; 1 without them): what the white-noise ratio propagates
+    #: (:func:`cimstat.input_sample.collect_input_samples_with_gradients`)
     white: np.ndarray | None = None
     random_white: np.ndarray | None = None  #: (C_out,) ``E[Var(e|x)·G]``: the per-read part of ``white``
 
