@@ -71,22 +71,30 @@ def collect_input_samples(folded: nn.Module, batches: Iterable[tuple[torch.Tenso
 
 def collect_input_samples_with_gradients(folded: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                                          n_images: int, *, size: int = SAMPLE_SIZE, max_fan_in: int | None = None,
-                                         seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                                         seed: int = 0, class_probes: int | None = None
+                                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The samples of :func:`collect_input_samples` (the same vectors for the same arguments) and, per layer,
     ``(S, C_out)`` float16 *gradient weights*: for sampled vector ``s`` (image ``n``, output position ``p``)
     and output channel ``c``, ``G_sc = Σ_j (∂z_j/∂y_{c,p})²`` on image ``n`` (one backward pass per logit),
     divided by its mean over the sample (1 where that mean is 0). An error of variance ``v_sc`` at those
     outputs reaches the logits as ``Σ_c ratio[c, :]·E_s[v_sc·G_sc]``, not ``E_s[v_sc]``: where errors sit on
     the outputs the logits are most sensitive to (on MNIST an ADC's rounding error is 0 on background patches
-    and the gradients are largest on the strokes) the white-noise ``ratio`` alone under-counts them."""
-    return _collect(folded, batches, n_images, size, max_fan_in, seed, gradients=True)
+    and the gradients are largest on the strokes) the white-noise ``ratio`` alone under-counts them.
+    ``class_probes``: instead of one backward pass per class, that many random ±1 projections ``u`` of the
+    logits (``E[(u·g)²] = Σ_j g_j²``; for 1000 classes), drawn from their own generator: the sampled vectors
+    are the same either way."""
+    if class_probes is not None and class_probes < 1:
+        raise ValueError(f"class_probes={class_probes} must be a positive integer or None")
+    return _collect(folded, batches, n_images, size, max_fan_in, seed, gradients=True, class_probes=class_probes)
 
 
 def _collect(folded: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int, size: int,
-             max_fan_in: int | None, seed: int, gradients: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+             max_fan_in: int | None, seed: int, gradients: bool, class_probes: int | None = None
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     if size < 1 or n_images < 1:
         raise ValueError(f"size={size} and n_images={n_images} must be positive")
     gen = torch.Generator().manual_seed(int(seed))
+    projections = torch.Generator().manual_seed(int(seed) + 1)
     kept: dict[str, list[torch.Tensor]] = {}
     picks: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -132,10 +140,14 @@ def _collect(folded: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
                 names = list(outputs)
                 ys = [outputs[n] for n in names]
                 acc = {n: 0.0 for n in names}
-                for d in range(z.shape[1]):
-                    grad_out = torch.zeros_like(z)
-                    grad_out[:, d] = 1.0
-                    grads = torch.autograd.grad(z, ys, grad_outputs=grad_out, retain_graph=d < z.shape[1] - 1)
+                n_dirs = z.shape[1] if class_probes is None else int(class_probes)
+                for d in range(n_dirs):
+                    if class_probes is None:
+                        grad_out = torch.zeros_like(z)
+                        grad_out[:, d] = 1.0
+                    else:
+                        grad_out = torch.randint(0, 2, z.shape, generator=projections).to(z.dtype).mul_(2).sub_(1)
+                    grads = torch.autograd.grad(z, ys, grad_outputs=grad_out, retain_graph=d < n_dirs - 1)
                     for n, g in zip(names, grads):
                         g = g.detach().reshape(g.shape[0], g.shape[1], -1)           # (B, C_out, P)
                         at = torch.gather(g, 2, picks[n].unsqueeze(1).expand(-1, g.shape[1], -1))

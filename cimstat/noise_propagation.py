@@ -344,7 +344,8 @@ def noise_propagation(model: nn.Module, model_name: str, dataset: str, stats: Ac
     n_stat = int(stats.meta["n_images"])
     sample_batches = tqdm(data.loader(dataset, "probe", 100, root, n_images=n_stat), unit="batch",
                           desc=f"input samples and gradient weights ({n_stat} images)", disable=not progress)
-    samples, grad_weights = collect_input_samples_with_gradients(folded, sample_batches, n_stat, seed=seed)
+    samples, grad_weights = collect_input_samples_with_gradients(folded, sample_batches, n_stat, seed=seed,
+                                                                 class_probes=class_probes)
     for name, sample in samples.items():
         if name in layers:
             layers[name].input_sample = sample
