@@ -30,7 +30,8 @@ bench: $(STAMP)
 
 # docs/validation.md: estimate vs Monte Carlo on sweeps/validation.py (MC results cached in results/.mc-cache)
 VALIDATION_MC ?= --n-images 256 --instances 2 --programmed-instances 8 --batch-size 64
-# every point of the sweep (MC times, uncached, 2 threads: 7 s to 54 min; design-bitserial-2b needs ~6-9 GB);
+# every point of the sweep (MC per configuration, uncached, 2 threads: 7 s to 52 min; design-bitserial-2b was seen
+# at 5.5 GB RSS and was OOM-killed at 9.3 GB beside the tests);
 # VALIDATION_SUBSET="label in ['int8', 'w4']" selects a part
 VALIDATION_SUBSET ?=
 validation-report: $(STAMP)

@@ -74,8 +74,8 @@ class SampledError:
     #: device bias's remainder, see :func:`_split`) and the per-read part, weighted by the probed gradient
     #: weights ``G`` of the sampled outputs (mean 1; 1 without them): what the white-noise ratio propagates
     #: (:func:`cimstat.input_sample.collect_input_samples_with_gradients`)
-    white: np.ndarray | None = None
-    random_white: np.ndarray | None = None  #: (C_out,) ``E[Var(e|x)·G]``: the per-read part of ``white``
+    white: np.ndarray
+    random_white: np.ndarray  #: (C_out,) ``E[Var(e|x)·G]``: the per-read part of ``white``
 
 
 def _code_max(cfg: LayerConfig, signed: bool) -> int:
