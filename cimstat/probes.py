@@ -39,11 +39,12 @@ __all__ = [
 
 SCHEMA_VERSION = 1          #: of ``stat.pkl``
 #: of ``noise_prop.pkl`` (2: coherent-error Jacobians ``gain_jac``/``offset_jac``; 3: ``weight_grad``;
-#: 4: ``input_sample`` of small layers; 5: of every layer; 6: ``sample_grad_weight``)
-NOISE_SCHEMA_VERSION = 6
+#: 4: ``input_sample`` of small layers; 5: of every layer; 6: ``sample_grad_weight``; 7: ``out_grad`` and
+#: ``layer_input``)
+NOISE_SCHEMA_VERSION = 7
 #: versions :func:`read_noise_prop` accepts (3: no input samples, 4: samples of small layers only, the engine
 #: models the ADC input of layers without one; 5: no gradient weights, white errors taken as stationary)
-NOISE_SCHEMA_READABLE = (3, 4, 5, 6)
+NOISE_SCHEMA_READABLE = (3, 4, 5, 6, 7)
 STAT_FILE = "stat.pkl"
 NOISE_PROP_FILE = "noise_prop.pkl"
 _STAT_SCHEMA = "cimstat.stat"
@@ -184,6 +185,15 @@ class LayerNoiseProp:
     #: :func:`cimstat.input_sample.collect_input_samples_with_gradients`). The engine weights the white
     #: (per-read) errors it takes over the sample by it: errors that sit where the logits are sensitive count more
     sample_grad_weight: np.ndarray | None = None
+    #: (N, D, C_out, P) float16: the output gradients ``∂z_d/∂y_{c,p}`` of the ``gain_jac`` images, divided by
+    #: ``out_grad_scale`` (schema 7; layers without ``weight_grad`` whose ``N·D·C_out·P`` is at most
+    #: :data:`cimstat.noise_propagation.OUT_GRAD_MAX_ELEMENTS`). With ``layer_input`` they give the exact
+    #: logit shift of any fixed weight error ``dW`` on those images, ``Σ_{c,p} g_{d,c,p}·(dW * x)_{c,p}``
+    #: (:meth:`cimstat.engine.Engine`), as ``weight_grad`` does for small layers
+    out_grad: np.ndarray | None = None
+    out_grad_scale: float = 1.0
+    #: the layer's input activations of the same images, float16: (N, C_in, H, W) for a conv, (N, K) for a linear layer
+    layer_input: np.ndarray | None = None
 
 
 @dataclass
@@ -478,6 +488,20 @@ def read_noise_prop(path: str | Path, stats: ActivationStats | None = None) -> N
         if gw is not None and sample is None:
             raise r.fail(f"{where} has sample_grad_weight but no input_sample")
         layers[name].sample_grad_weight = gw
+        og = r.array(d, "out_grad", where, (n_coh, n_dir, c_out, None if stats is None else
+                                            stats.layers[name].n_positions), optional=True)
+        if og is not None:
+            if layers[name].weight_grad is not None or n_coh is None:
+                raise r.fail(f"{where} has out_grad with weight_grad or without gain_jac (one route per layer)")
+            scale = d.get("out_grad_scale")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not scale > 0:
+                raise r.fail(f"{where}['out_grad_scale'] is {scale!r}, expected a positive number")
+            conv = stats is None or stats.layers[name].kind == "conv"
+            x = r.array(d, "layer_input", where, (n_coh, None, None, None) if conv else (n_coh, k_))
+            if stats is not None and conv and x.shape[1] != stats.layers[name].in_channels:
+                raise r.fail(f"{where}['layer_input'] has {x.shape[1]} channels, expected "
+                             f"{stats.layers[name].in_channels}")
+            layers[name].out_grad, layers[name].out_grad_scale, layers[name].layer_input = og, float(scale), x
     if stats is not None:
         missing = [n for n in stats.layers if n not in layers]
         if missing:

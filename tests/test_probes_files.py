@@ -133,6 +133,17 @@ def test_noise_prop_for_other_weights(tiny_probe_dir, tmp_path):
         load_probes(d)
 
 
+def _with_out_grad(doc, positions=None, scale=1.0, channels=None, input_images=None, weight_grad=False):
+    """Give the tiny net's conv1 (2 input channels of 7x9, 4 outputs at 4x5 positions) output gradients and inputs."""
+    d = doc["layers"][0]
+    n, c_out, n_dir = d["gain_jac"].shape
+    d["out_grad"] = np.ones((n, n_dir, c_out, positions or 20), np.float16)
+    d["out_grad_scale"] = scale
+    d["layer_input"] = np.ones((input_images or n, channels or 2, 7, 9), np.float16)
+    if weight_grad:
+        d["weight_grad"] = np.ones((n, n_dir, c_out, 18), np.float16)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda doc: doc["meta"].pop("fingerprint"), "missing key 'fingerprint' in meta"),
     (lambda doc: doc.pop("logits"), "missing key 'logits'"),
@@ -162,12 +173,24 @@ def test_malformed_stat_file(tiny_probe_dir, tmp_path, mutate, message):
      "sample_grad_weight but no input_sample"),
     (lambda doc: doc["layers"][0].update(input_sample=np.ones((5, 18), np.float32),
                                          sample_grad_weight=np.ones((6, 4), np.float16)), "sample_grad_weight.*shape"),
+    (lambda doc: _with_out_grad(doc, positions=5), "out_grad.*shape"),
+    (lambda doc: _with_out_grad(doc, scale=0.0), "out_grad_scale"),
+    (lambda doc: _with_out_grad(doc, channels=3), "layer_input.*channels"),
+    (lambda doc: _with_out_grad(doc, input_images=11), "layer_input.*shape"),
+    (lambda doc: _with_out_grad(doc, weight_grad=True), "one route per layer"),
 ])
 def test_malformed_noise_prop_file(tiny_probe_dir, tmp_path, mutate, message):
     d = _copy(tiny_probe_dir[0], tmp_path)
     _rewrite(d / "noise_prop.pkl", mutate)
     with pytest.raises(ProbeFileError, match=message):
         load_probes(d)
+
+
+def test_output_gradients_load_with_their_scale(tiny_probe_dir, tmp_path):
+    d = _copy(tiny_probe_dir[0], tmp_path)
+    _rewrite(d / "noise_prop.pkl", lambda doc: _with_out_grad(doc, scale=0.25))
+    lp = next(iter(load_probes(d).noise_prop.layers.values()))
+    assert lp.out_grad.shape == (12, 3, 4, 20) and lp.out_grad_scale == 0.25 and lp.layer_input.shape == (12, 2, 7, 9)
 
 
 def test_missing_files_and_folders(tiny_probe_dir, tmp_path):
