@@ -181,11 +181,13 @@ class Engine:
                 if lp.weight_grad is not None:
                     g = np.asarray(lp.weight_grad, dtype=np.float64)
                     self._grad[n] = g.reshape(g.shape[0], g.shape[1], -1)
+                    self.layers[n].exact_weight_shift = lp.gain_jac is not None
                 elif lp.out_grad is not None:
                     import torch
                     og = torch.from_numpy(np.asarray(lp.out_grad, dtype=np.float32) * np.float32(lp.out_grad_scale))
                     self._maps[n] = (torch.from_numpy(np.asarray(lp.layer_input, dtype=np.float32)),
                                      og.reshape(og.shape[0], og.shape[1], -1))
+                    self.layers[n].exact_weight_shift = lp.gain_jac is not None
                 if lp.gain_jac is not None:
                     self._coherent[n] = (np.asarray(lp.gain_jac, dtype=np.float64),
                                          np.asarray(lp.offset_jac, dtype=np.float64))
@@ -234,14 +236,14 @@ class Engine:
                     add = v @ ratio
                     logit[s] += add
                     white_l += add
-            for s, v in le.fixed.items():
-                if s is ErrorSource.WEIGHT_QUANTIZATION and (name in self._grad or name in self._maps):
-                    # one draw of rounding errors, propagated exactly per image (a deterministic shift)
-                    err = lm.weights(resolved[name].config).error
-                    d = self._memo_by_array((name, "grad"), err, lambda: self._weight_error_shift(name, err))
+            for s, maps in le.weight_maps.items():
+                # fixed weight errors (one draw of rounding) propagated exactly per image
+                for i, (coef, err) in enumerate(maps):
+                    d = coef * self._memo_by_array((name, "map", s, i), err,
+                                                   lambda: self._weight_error_shift(name, err))
                     shifts[s] = shifts.get(s, 0.0) + d
                     layer_shift[name] = layer_shift.get(name, 0.0) + d
-                    continue
+            for s, v in le.fixed.items():
                 # the per-weight variances are cached arrays of the layer model: the contraction
                 # with the sensitivities (C_out x K) is memoised per array (identity, weakly held)
                 add = self._memo_by_array((name, "fixed", s), v, lambda: np.einsum("ck,ck->c", v, sens) @ share)
