@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean validation-report
+.PHONY: validation-report-precise setup demo test bench clean validation-report
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -36,6 +36,10 @@ VALIDATION_MC ?= --n-images 256 --instances 2 --programmed-instances 8 --batch-s
 VALIDATION_SUBSET ?=
 validation-report: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") --report docs/validation.md
+
+# the same with the engine's precise ADC route (--adc-per-image; 6-40 s per estimate): docs/validation-precise.md
+validation-report-precise: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) --adc-per-image $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") --report docs/validation-precise.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

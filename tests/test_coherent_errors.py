@@ -216,3 +216,29 @@ def test_weight_rounding_of_every_layer_reaches_the_logits_as_measured(default_p
         z = torch.cat([analog(x[i:i + 64]) for i in range(0, 256, 64)])
     measured = 10 * np.log10(float((z0 ** 2).sum(1).mean()) / float(((z - z0) ** 2).sum(1).mean()))
     assert abs(est.fc_snr_db - measured) < 0.7, (est.fc_snr_db, measured)
+
+
+def test_output_error_maps_reach_the_logits_through_the_output_gradients(monkeypatch):
+    """The precise ADC route propagates an output error map (N·P, C_out), image-major, by ``Σ g·e``: equal to
+    the float network's logit change when that map is added to the layer's output."""
+    import cimstat.noise_propagation as npg
+    from cimstat.engine.network import _map_shift
+
+    monkeypatch.setattr(npg, "GRAD_MAX_ELEMENTS", 0)
+    folded, images = _tiny(dtype=torch.float64)
+    layers, _, _ = jacobian_propagation(folded, [(images[:5], None), (images[5:], None)], keep_grads=12)
+    mods = dict(folded.named_modules())
+    with torch.no_grad():
+        z0 = folded(images)
+    rng = np.random.default_rng(5)
+    for name in ("conv1", "conv2"):
+        lp = layers[name]
+        n, d, c, p = lp.out_grad.shape
+        e = rng.normal(size=(n, c, p)) * 1e-4                      # the error at output (channel, position)
+        h = mods[name].register_forward_hook(lambda _m, _i, o: o + torch.as_tensor(e).reshape(o.shape))
+        with torch.no_grad():
+            dz = (folded(images) - z0).numpy()
+        h.remove()
+        g = torch.from_numpy(lp.out_grad.astype(np.float32) * np.float32(lp.out_grad_scale)).reshape(n, d, -1)
+        pred = _map_shift(g, e.transpose(0, 2, 1).reshape(n * p, c))
+        np.testing.assert_allclose(pred, dz, rtol=3e-3, atol=3e-3 * np.abs(dz).max())

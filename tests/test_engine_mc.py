@@ -220,3 +220,27 @@ def test_sampled_input_quantization_is_exact_on_its_own_sample(signed_layer):
         y = AnalogLayer("0", layer.conv, res.config, res.ranges, chip_seed=1)(layer.x_mc).double()
     mc = ((y - layer.y_mc) ** 2).mean(dim=(0, 2, 3)).numpy()
     np.testing.assert_allclose(le.error[ErrorSource.INPUT_QUANTIZATION], mc, rtol=1e-6)
+
+
+def test_precise_route_error_map_is_the_simulators_per_output(unsigned_layer):
+    """The precise ADC route (``adc_image_vectors``): the error map it hands the engine is the simulator's
+    ADC error at every output of those very inputs (noiseless: deterministic), image-major; its gain, offset
+    and white parts are left out (the map carries them)."""
+    layer = unsigned_layer
+    case = dict(UNSIGNED_CASES["adc5_clip"])
+    scale = case.pop("_adc_scale", 1.0)
+    res = layer.resolved(LayerConfig(**case), None, scale)
+    model = LayerModel(layer.stats, layer.conv.weight.detach().numpy())
+    model.input_sample = _im2col(layer.x_mc, layer.conv)
+    model.adc_image_vectors = model.input_sample.astype(np.float32)
+    assert estimate_layer(model, res).adc_map is None  # the default route unless asked
+    le = estimate_layer(model, res, adc_per_image=True)
+    ideal = ResolvedLayer("0", res.config.replace(adc_bits=None), LayerRanges(res.ranges.signed_input,
+                                                                              res.ranges.input_range, None))
+    with torch.no_grad():
+        y_adc = AnalogLayer("0", layer.conv, res.config, res.ranges, chip_seed=1)(layer.x_mc).double()
+        y_ref = AnalogLayer("0", layer.conv, ideal.config, ideal.ranges, chip_seed=1)(layer.x_mc).double()
+    diff = (y_adc - y_ref).flatten(2).transpose(1, 2).reshape(-1, y_adc.shape[1]).numpy()   # (N·P, C) image-major
+    assert le.adc_map.shape == diff.shape and np.abs(diff).max() > 0
+    np.testing.assert_allclose(le.adc_map, diff, rtol=1e-5, atol=1e-5 * np.abs(diff).max())  # float32 map
+    assert not le.white[ErrorSource.ADC_QUANTIZATION].any() and ErrorSource.ADC_QUANTIZATION not in le.gain

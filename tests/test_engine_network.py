@@ -292,3 +292,35 @@ def test_adc_error_under_device_bias_matches_mc_on_the_sample(engine, noise):
         mc = np.mean([float(((AnalogLayer("conv1", lin, cfg.layer("conv1"), resolved["conv1"].ranges, i)(x).double()
                                - y) ** 2).mean(0).sum()) for i in range(3)])
     assert abs(10 * math.log10(est / mc)) < 0.15, (est, mc)
+
+
+def test_precise_adc_route_changes_only_the_adc_propagation(default_probes, engine):
+    """``adc_per_image``: the ADC's logit energy comes from per-image error maps of the layers that kept output
+    gradients; the layers' own errors, the other sources' parts and top-1 (the default route's) are unchanged; a
+    layer with device noise under the ADC keeps the default route."""
+    from cimstat.engine import Engine
+
+    precise = Engine(default_probes, adc_per_image=True)
+    keep = ("layer3.0.conv1", "layer3.0.conv2", "layer3.1.conv1", "layer4.0.conv1", "fc")  # small maps: fast
+    precise.layers = {n: precise.layers[n] for n in keep}
+    fast = Engine(default_probes)
+    fast.layers = {n: fast.layers[n] for n in keep}
+    cfg = HardwareConfig(LayerConfig(input_slice_bits=1, rows_per_array=256, adc_bits=5, adc_range="calibrated"),
+                         name="adc5")
+    res = fast.resolve(cfg)
+    a, b = fast.estimate(cfg, res), precise.estimate(cfg, res)
+    adc = ErrorSource.ADC_QUANTIZATION
+    for n in keep:
+        np.testing.assert_allclose(b.layers[n].error[adc], a.layers[n].error[adc])
+    assert b.top1 == a.top1
+    for n in keep:  # the other sources' per-layer parts (their logit shares move by the cross terms with the ADC)
+        for s in ErrorSource:
+            if s is not adc:
+                np.testing.assert_allclose(b.layers[n].white[s], a.layers[n].white[s])
+                assert (s in b.layers[n].gain) == (s in a.layers[n].gain)
+    assert any(b.layers[n].adc_map is not None for n in keep)
+    ratio = b.logit_noise[adc].sum() / a.logit_noise[adc].sum()
+    assert ratio != pytest.approx(1.0, abs=1e-3) and 0.3 < ratio < 3.0
+    noisy = HardwareConfig(cfg.default.replace(read_noise=0.02), name="adc5-read")
+    res = fast.resolve(noisy)
+    assert all(le.adc_map is None for le in precise.estimate(noisy, res).layers.values())

@@ -33,7 +33,7 @@ from .device_noise import DeviceNoise, device_noise
 from .coherent import coherent_parts, split_coherent
 from .input_quantization import InputPlan, input_error_terms, input_plan
 from .moments import SecondMoment
-from .sampled_adc import SampledError, sampled_adc_error, sampled_input_error
+from .sampled_adc import SampledError, adc_error_map, sampled_adc_error, sampled_input_error
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
@@ -79,6 +79,9 @@ class LayerEstimate:
     #: fixed weight errors the engine propagates exactly per image (``LayerModel.exact_weight_shift``): per
     #: source, ``(coefficient, map)`` pairs, the error being ``coefficient·map`` (``map`` (C_out, K), weight units)
     weight_maps: dict[ErrorSource, list[tuple[float, np.ndarray]]] = field(default_factory=dict)
+    #: the precise ADC route (``LayerModel.adc_image_vectors``): the deterministic ADC quantization error of every
+    #: output of the noise-propagation images, (N·P, C_out) image-major, output units; None on the default route
+    adc_map: np.ndarray | None = None
 
     @property
     def total(self) -> np.ndarray:
@@ -124,6 +127,9 @@ class LayerModel:
         #: True where the engine can propagate a fixed weight error of this layer exactly per image (probed
         #: ``weight_grad`` or ``out_grad``): weight rounding then goes as ``weight_maps``
         self.exact_weight_shift = False
+        #: (N·P, K) input vectors of every output of the noise-propagation images, set by the engine for its
+        #: precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`), else None
+        self.adc_image_vectors: np.ndarray | None = None
 
     # ---- lazily built, config independent ------------------------------------------
     @property
@@ -464,8 +470,9 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
 
 
 def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise | None, scale: np.ndarray,
-                       error: dict, white: dict, gain: dict, offset: dict) -> None:
-    """ADC quantization and thermal-noise terms from the layer's input sample (:mod:`.sampled_adc`)."""
+                       error: dict, white: dict, gain: dict, offset: dict, precise: bool = False) -> np.ndarray | None:
+    """ADC quantization and thermal-noise terms from the layer's input sample (:mod:`.sampled_adc`); returns
+    the error map of the precise route (``LayerEstimate.adc_map``) or None."""
     signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
     table = np.asarray(ranges.adc_range, dtype=np.float64)
     n_in = len(cfg.input_slices(signed))
@@ -509,13 +516,34 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
         q_white = t.white
     q_energy = np.maximum(q_energy, 0.0)  # may go below 0 only by absorbing device noise (see sampled_adc)
     error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * q_energy
+    if precise and model.adc_image_vectors is not None and noise is None:
+        # the precise route: the deterministic error of every output of the images goes per image (the map),
+        # in place of its gain, offset and white residual
+        key = ("sadc map", repr(cfg), signed, x_range, table.tobytes(), sigma)
+
+        def build_map():
+            def cache(k, build):  # its own keys (the image vectors are not the input sample); partial sums of
+                # every output of the images (~200 MB for a layer1 conv of the default model) are not kept
+                return build() if k[0] == "partial_sums" else model.cached(("image route",) + k, build)
+            det = adc_error_map(model.adc_image_vectors, model.weight, cfg, signed, x_range, table, convs, sigma,
+                                cache)
+            if det is None:  # over PRECISE_ELEMENT_BUDGET: the sample route
+                return None
+            out = (det * scale).astype(np.float32)
+            out.setflags(write=False)
+            return out
+        error_map = model.cached(key, build_map)
+        if error_map is not None:
+            return error_map
     white[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * np.maximum(q_white, 0.0)
     gain[ErrorSource.ADC_QUANTIZATION] = scale * t.gain
     offset[ErrorSource.ADC_QUANTIZATION] = scale * t.offset
+    return None
 
 
-def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
-    """Expected squared error per output channel of one layer, by source."""
+def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bool = False) -> LayerEstimate:
+    """Expected squared error per output channel of one layer, by source (``adc_per_image``: the precise ADC
+    route where ``model.adc_image_vectors`` is set, see :data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
     cfg, ranges = resolved.config, resolved.ranges
     c_out, k = model.weight.shape
     zeros = np.zeros(c_out)
@@ -613,9 +641,10 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer) -> LayerEstimate:
                                   "and weights")
         scale = plan.step * wq.step
         if model.input_sample is not None and cfg.adc_bits is not None:
-            _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset)
+            adc_map = _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset, adc_per_image)
             return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
-                                 fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps)
+                                 fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps,
+                                 adc_map=adc_map)
         var_q, var_t, mean_q, mean_t = _adc_error(model, cfg, ranges, plan, model.levels(cfg), noise)
         error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * (var_q + mean_q ** 2)
         error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * np.maximum(

@@ -48,7 +48,7 @@ from cimstat.stats import applied_codes
 
 from .adc import _smooth_moments, adc_code_limits, fourier_cell_moments, gaussian_cell_moments
 
-__all__ = ["SampledError", "sampled_adc_error", "sampled_input_error", "sample_codes"]
+__all__ = ["SampledError", "sampled_adc_error", "adc_error_map", "sampled_input_error", "sample_codes"]
 
 _CHUNK = 1 << 21  #: elements per vectorised chunk of the noisy conversion integral
 EXACT_ELEMENT_BUDGET = 6_000_000
@@ -299,21 +299,61 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
     ``grad_weight``: (S, C_out) the sample's gradient weights (``SampledError.white``), or None.
     """
     cache = cache or _no_cache
+    det, rand, bias, rows, weights = _conditional_errors(sample, weight, cfg, signed, x_range, adc_table,
+                                                         conversions, noise_terms, sigma_n_lsb, cache, budget=True)
+    y = cache(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
+                             @ np.asarray(weight, dtype=np.float64).T)
+    gw = None if grad_weight is None else (grad_weight if rows is None else grad_weight[rows])
+    return _split(det, rand, y if rows is None else y[rows], weights, gw, bias)
+
+
+PRECISE_ELEMENT_BUDGET = 12 * EXACT_ELEMENT_BUDGET
+"""Most (distinct code vector x channel x conversion) elements of one layer's :func:`adc_error_map`; beyond it
+the layer keeps the sample route (the default model's thermal0.5-lattice, 1-bit weight slices in arrays of 63
+rows, took 241 s uncapped)."""
+
+
+def _n_conversions(cfg: LayerConfig, signed: bool, conversions: list, k: int) -> int:
+    """ADC conversions per input vector and output channel (passes x input slices x weight-slice conversions x tiles)."""
+    return (len(cfg.input_slices(signed)) * (2 if signed and cfg.signed_input_encoding is SignedInputEncoding.SPLIT
+                                             else 1) * sum(len(c) for c in conversions) * -(-k // cfg.n_rows(k)))
+
+
+def adc_error_map(vectors: np.ndarray, weight: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float,
+                  adc_table: np.ndarray, conversions: list, sigma_n_lsb: float, cache=None) -> np.ndarray | None:
+    """``E[e | x]`` (V, C_out), in partial-sum units, for every one of ``vectors`` (V, K) (no part of them is
+    dropped: every output of whole images, for the per-image propagation of
+    :class:`cimstat.engine.network.Engine`); no device noise. None where that is more than
+    ``PRECISE_ELEMENT_BUDGET`` elements."""
+    cache = cache or _no_cache
+    codes = _distinct_codes(np.asarray(vectors), cfg, signed, x_range, None, cache)[0]
+    if len(codes) * weight.shape[0] * _n_conversions(cfg, signed, conversions, weight.shape[1]) > PRECISE_ELEMENT_BUDGET:
+        return None
+    det, _, _, _, _ = _conditional_errors(vectors, weight, cfg, signed, x_range, adc_table, conversions,
+                                          lambda li, devs: None, sigma_n_lsb, cache, budget=False)
+    return det
+
+
+def _conditional_errors(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float,
+                        adc_table: np.ndarray, conversions: list, noise_terms, sigma_n_lsb: float, cache,
+                        budget: bool):
+    """``(E[e | x], Var[e | x], device bias or None, rows kept or None, their weights or None)`` per vector
+    (of the part of the sample within the element budget when ``budget``) and channel."""
+    cache = cache or _no_cache
     c_out, k = weight.shape
     n_rows = cfg.n_rows(k)
     dev_terms = {(li, devs): noise_terms(li, devs) for li, conv_list in enumerate(conversions)
                  for _, _, devs in conv_list}
     device = any(t is not None for t in dev_terms.values())
-    n_conv = (len(cfg.input_slices(signed)) * (2 if signed and cfg.signed_input_encoding is SignedInputEncoding.SPLIT
-                                              else 1) * sum(len(c) for c in conversions) * -(-k // n_rows))
+    n_conv = _n_conversions(cfg, signed, conversions, k)
     # device noise under less than half an LSB of thermal noise needs Gaussian cell integrals per element:
     # the small budget (without device noise the error is evaluated per distinct partial sum, see _partial_sums)
-    budget = NOISY_ELEMENT_BUDGET if device and sigma_n_lsb < 0.499 else EXACT_ELEMENT_BUDGET
+    limit = NOISY_ELEMENT_BUDGET if device and sigma_n_lsb < 0.499 else EXACT_ELEMENT_BUDGET
     sample = np.asarray(sample)
     # vectors with equal codes convert alike (all-background patches): each distinct code vector once
     codes, inverse, rows, weights = _distinct_codes(sample, cfg, signed, x_range, None, cache)
-    if len(codes) * c_out * n_conv > budget:  # a part of the sample (HEAVY_SHARE)
-        keep = max(1, int(len(sample) * budget / (len(codes) * c_out * n_conv)))
+    if budget and len(codes) * c_out * n_conv > limit:  # a part of the sample (HEAVY_SHARE)
+        keep = max(1, int(len(sample) * limit / (len(codes) * c_out * n_conv)))
         if keep < len(sample):
             codes, inverse, rows, weights = _distinct_codes(sample, cfg, signed, x_range, keep, cache)
     n_s = codes.shape[0]
@@ -352,11 +392,7 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
                     m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
                     det += w * m
                     rand += w * w * v
-    y = cache(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
-                             @ np.asarray(weight, dtype=np.float64).T)
-    gw = None if grad_weight is None else (grad_weight if rows is None else grad_weight[rows])
-    return _split(det[inverse], rand[inverse], y if rows is None else y[rows], weights, gw,
-                  bias[inverse] if device else None)
+    return det[inverse], rand[inverse], (bias[inverse] if device else None), rows, weights
 
 
 def _add_noiseless(det: np.ndarray, rand: np.ndarray, sums: list, codes: np.ndarray, cfg: LayerConfig,

@@ -46,6 +46,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                         help="finish an interrupted run: the given folder, or the newest unfinished one")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    parser.add_argument("--adc-per-image", action="store_true",
+                        help="the engine's precise ADC route: the ADC error of every output of the noise-propagation "
+                             "images, propagated per image (about 10 s per configuration for the default model "
+                             "instead of 0.1-0.5 s; see cimstat.engine.network.ADC_PER_IMAGE_NOTE)")
 
 
 def resolve_probe_dir(args_probes: Path | None, spec: SweepSpec, *, progress: bool = True) -> Path:
@@ -102,7 +106,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet:
         print(f"{'resuming' if resumed else 'running'} sweep {spec.name!r}: {len(combos)} combinations "
               f"-> {run_dir.path}", file=sys.stderr)
-    evaluator = EstimateEvaluator(probe_dir, spec.model or model_name, spec.weights)
+    evaluator = EstimateEvaluator(probe_dir, spec.model or model_name, spec.weights, adc_per_image=args.adc_per_image)
     plots: list[Path] = []
 
     def finalize(rd, frame):
@@ -198,7 +202,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     evaluator = ValidationEvaluator(probe_dir, model_name, spec.weights, dataset, data_root, args.n_images,
                                     args.instances, args.batch_size,
                                     None if args.no_mc_cache else Path(args.out) / ".mc-cache",
-                                    args.programmed_instances)
+                                    args.programmed_instances, adc_per_image=args.adc_per_image)
     plots: list[Path] = []
     command = _command_line("python -m sweeps.validate", None)
 

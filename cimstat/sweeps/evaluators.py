@@ -75,6 +75,8 @@ class EstimateEvaluator:
     weights: Path | None = None
     per_layer: bool = False
     """Also return every layer's isolated SNR as ``snr_db[<layer>]`` columns."""
+    adc_per_image: bool = False
+    """The engine's precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
 
     def setup(self) -> None:
         from cimstat.calibrate import Calibrations
@@ -104,7 +106,7 @@ class EstimateEvaluator:
         from cimstat.engine import estimate
 
         t0 = time.perf_counter()
-        est = estimate(self._probes, combo.config, resolved, model=self._model)
+        est = estimate(self._probes, combo.config, resolved, model=self._model, adc_per_image=self.adc_per_image)
         seconds = time.perf_counter() - t0
         row = {k: v for k, v in est.to_row().items() if k not in DROPPED_ENGINE_COLUMNS}
         if self.per_layer:
@@ -185,6 +187,9 @@ class ValidationEvaluator:
     One chip's programming error is a single draw: on the default model's conv1 its error energy
     swings ±0.5 dB from chip to chip, so a 2-chip mean can sit 0.7 dB from the expectation."""
 
+    adc_per_image: bool = False
+    """The engine's precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
+
     def instances_for(self, combo: Combination) -> int:
         """Chip instances of the Monte Carlo run of ``combo``."""
         cfg = combo.config
@@ -198,7 +203,8 @@ class ValidationEvaluator:
 
         self._model = load(self.model_name, self.weights)
         self._fingerprint = weights_fingerprint(self._model)
-        self._estimator = EstimateEvaluator(self.probe_dir, self.model_name, self.weights, per_layer=True)
+        self._estimator = EstimateEvaluator(self.probe_dir, self.model_name, self.weights, per_layer=True,
+                                            adc_per_image=self.adc_per_image)
         self._estimator.setup()
         self._estimator._probes.check_model(self._model)
         self._loader = loader(self.dataset, "validation", self.batch_size, self.data_root, n_images=self.n_images)
