@@ -1,6 +1,6 @@
 """Speed of the analytic engine: default network and torchvision ResNet-18 224x224 shapes.
 
-    python benchmarks/estimate_speed.py [--repeats 3] [--mc-images 20]
+    python benchmarks/estimate_speed.py [--repeats 3] [--mc-images 20] [--precise]
 
 For a few configurations: the median wall time of ``Engine.estimate`` (warm caches for
 config-independent data, a fresh config each repeat so per-config work is redone: a new read-noise
@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mc-images", type=int, default=20)
     p.add_argument("--skip-imagenet", action="store_true")
+    p.add_argument("--precise", action="store_true",
+                   help="also time the precise ADC route (adc_per_image) on the default network, one repeat")
     args = p.parse_args()
     from cimstat.probes import ensure_default_probes, load_probes
 
@@ -147,6 +149,10 @@ def main() -> None:
               f"MC 1 instance x {len(engine.labels)} images ~{mc:8.1f} s  ratio MC/estimate {mc / wall:9.0f}")
     print(f"default  median over configs: {1e3 * statistics.median(t[0] for t in times.values()):.1f} ms "
           f"(target 20 ms)")
+    if args.precise:
+        precise = Engine(probes, adc_per_image=True)
+        for name, (wall, cpu) in time_engine(precise, 1).items():
+            print(f"precise  {name:20s} estimate {1e3 * wall:9.1f} ms (cpu {1e3 * cpu:9.1f} ms)")
     if not args.skip_imagenet:
         probes_in, weights = synthetic_imagenet_probes()
         t0 = time.perf_counter()
