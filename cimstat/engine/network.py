@@ -14,9 +14,9 @@ independent, contributions add):
   amplitudes, and they are far from independent: 4-bit weights on every layer of the default model
   (512 validation images, each layer quantized alone) give single-layer logit errors that add up to 1.55x
   the sum of their energies (up to 0.58 correlated: conv1 with layer1.0.conv1; 0.035 on average over the
-  210 pairs; the mean shift over the images is not what correlates). The per-weight route, independent layers, was 1.1 dB
-  optimistic at the logits there; the per-image route is 0.3-0.4 dB pessimistic (the linear sum of the
-  layers' errors exceeds that of the whole quantized network by about as much).
+  210 pairs; the mean shift over the images is not what correlates). The per-weight route, independent
+  layers, was 1.1 dB optimistic at the logits there; the per-image route is 0.3-0.4 dB pessimistic (the
+  linear sum of the layers' errors exceeds that of the whole quantized network by about as much).
 
 * deterministic errors (:mod:`.coherent`): a relative gain ``a_c`` and offset ``m_c`` per channel
   move the logits of probe image ``n`` by ``δz_n = Σ_layers Σ_c a_c·gain_jac[n,c] + m_c·offset_jac[n,c]``
@@ -432,7 +432,8 @@ def _map_shift(out_grad, error_map: np.ndarray) -> np.ndarray:
     import torch
 
     n = out_grad.shape[0]
-    e = torch.from_numpy(np.array(error_map, dtype=np.float32)).reshape(n, -1, error_map.shape[1])  # a copy: the map is read-only
+    # np.array copies: the map is read-only
+    e = torch.from_numpy(np.array(error_map, dtype=np.float32)).reshape(n, -1, error_map.shape[1])
     e = e.permute(0, 2, 1).reshape(n, -1, 1)
     return torch.bmm(out_grad, e)[:, :, 0].double().numpy()
 

@@ -314,7 +314,8 @@ rows, took 241 s uncapped)."""
 
 
 def _n_conversions(cfg: LayerConfig, signed: bool, conversions: list, k: int) -> int:
-    """ADC conversions per input vector and output channel (passes x input slices x weight-slice conversions x tiles)."""
+    """ADC conversions per input vector and output channel (passes x input slices x weight-slice conversions
+    x tiles)."""
     return (len(cfg.input_slices(signed)) * (2 if signed and cfg.signed_input_encoding is SignedInputEncoding.SPLIT
                                              else 1) * sum(len(c) for c in conversions) * -(-k // cfg.n_rows(k)))
 
@@ -327,7 +328,8 @@ def adc_error_map(vectors: np.ndarray, weight: np.ndarray, cfg: LayerConfig, sig
     ``PRECISE_ELEMENT_BUDGET`` elements."""
     cache = cache or _no_cache
     codes = _distinct_codes(np.asarray(vectors), cfg, signed, x_range, None, cache)[0]
-    if len(codes) * weight.shape[0] * _n_conversions(cfg, signed, conversions, weight.shape[1]) > PRECISE_ELEMENT_BUDGET:
+    n_conv = _n_conversions(cfg, signed, conversions, weight.shape[1])
+    if len(codes) * weight.shape[0] * n_conv > PRECISE_ELEMENT_BUDGET:
         return None
     det, _, _, _, _ = _conditional_errors(vectors, weight, cfg, signed, x_range, adc_table, conversions,
                                           lambda li, devs: None, sigma_n_lsb, cache, budget=False)
