@@ -37,7 +37,7 @@ VALIDATION_SUBSET ?=
 validation-report: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") --report docs/validation.md
 
-# the same with the engine's precise ADC route (--adc-per-image; 2-30 s per estimate): docs/validation-precise.md
+# the same with the engine's precise ADC route (--adc-per-image; 5-14 s per estimate): docs/validation-precise.md
 validation-report-precise: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) --adc-per-image $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") --report docs/validation-precise.md
 

@@ -35,7 +35,7 @@ a per-channel Gram 2.5-2.7x (errors of different channels cancel downstream). Th
 (``N·D·C_out·P ≤ OUT_GRAD_MAX_ELEMENTS``) keep the factors instead: their output gradients
 ``g_{d,c,p}`` (``out_grad``, float16 over a per-layer scale) and input activations (``layer_input``),
 from which ``Σ_{c,k} dW_ck ∂z_d/∂W_ck = Σ_{c,p} g_{d,c,p}·(dW * x)_{c,p}`` costs one forward pass of the
-layer (default model: 83 M gradients, 170 MB on disk; 0.34 s to propagate a weight error of all layers).
+layer (default model: 83 M gradients, +185 MB on disk; 0.34 s to propagate a weight error of all layers).
 ``injection`` (the slow reference for ``ratio``): Gaussian noise added to one channel at a
 time at every position, logit variance divided by σ².
 """

@@ -107,24 +107,35 @@ def test_off_device_bias_adds_coherently_over_layers(default_probes):
     assert 10 * abs(np.log10(predicted / measured)) < 0.5
 
 
-def test_kept_weight_gradients_propagate_one_draw_exactly():
-    """``weight_grad`` of a small layer: Σ_ck dW_ck ∂z/∂W_ck equals the float network's logit change."""
+def _logit_change(folded, images, z0, module, dw: np.ndarray) -> np.ndarray:
+    """The float network's logit change when ``dw`` is added to ``module``'s weights (restored after)."""
+    w0 = module.weight.data.clone()
+    module.weight.data += torch.as_tensor(dw)
+    with torch.no_grad():
+        dz = (folded(images) - z0).numpy()
+    module.weight.data.copy_(w0)
+    return dz
+
+
+def _tiny_propagation():
+    """The tiny net, its 12 images, their float logits and ``jacobian_propagation`` keeping per-image data."""
     folded, images = _tiny(dtype=torch.float64)
     layers, _, _ = jacobian_propagation(folded, [(images[:5], None), (images[5:], None)], keep_grads=12)
-    mods = dict(folded.named_modules())
     with torch.no_grad():
         z0 = folded(images)
+    return folded, images, z0, layers, dict(folded.named_modules())
+
+
+def test_kept_weight_gradients_propagate_one_draw_exactly():
+    """``weight_grad`` of a small layer: Σ_ck dW_ck ∂z/∂W_ck equals the float network's logit change."""
+    folded, images, z0, layers, mods = _tiny_propagation()
     rng = np.random.default_rng(3)
     for name in ("conv1", "conv2", "fc"):
         m = mods[name]
         grad = layers[name].weight_grad.astype(np.float64)           # (N, D, C_out, K), float16 on disk
         assert grad.shape == (12, 3, m.weight.shape[0], m.weight[0].numel())
         dw = rng.normal(size=m.weight.shape) * 1e-4
-        w0 = m.weight.data.clone()
-        m.weight.data += torch.as_tensor(dw)
-        with torch.no_grad():
-            dz = (folded(images) - z0).numpy()
-        m.weight.data.copy_(w0)
+        dz = _logit_change(folded, images, z0, m, dw)
         pred = np.einsum("ndck,ck->nd", grad, dw.reshape(dw.shape[0], -1))
         np.testing.assert_allclose(pred, dz, rtol=2e-3, atol=2e-3 * np.abs(dz).max())
 
@@ -163,21 +174,14 @@ def test_kept_output_gradients_propagate_one_draw_exactly(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(npg, "GRAD_MAX_ELEMENTS", 0)  # every layer takes the output-gradient route
-    folded, images = _tiny(dtype=torch.float64)
-    layers, _, _ = jacobian_propagation(folded, [(images[:5], None), (images[5:], None)], keep_grads=12)
-    mods = dict(folded.named_modules())
-    with torch.no_grad():
-        z0 = folded(images)
+    folded, images, z0, layers, mods = _tiny_propagation()
     rng = np.random.default_rng(4)
     for name in ("conv1", "conv2", "fc"):
         m, lp = mods[name], layers[name]
-        assert lp.weight_grad is None and lp.out_grad.dtype == np.float16 and lp.out_grad.shape[:3] == (12, 3, m.weight.shape[0])
+        assert lp.weight_grad is None and lp.out_grad.dtype == np.float16
+        assert lp.out_grad.shape[:3] == (12, 3, m.weight.shape[0])
         dw = rng.normal(size=m.weight.shape) * 1e-4
-        w0 = m.weight.data.clone()
-        m.weight.data += torch.as_tensor(dw)
-        with torch.no_grad():
-            dz = (folded(images) - z0).numpy()
-        m.weight.data.copy_(w0)
+        dz = _logit_change(folded, images, z0, m, dw)
         conv = isinstance(m, torch.nn.Conv2d)
         geometry = SimpleNamespace(kind="conv" if conv else "linear", weight_shape=tuple(m.weight.shape),
                                    stride=m.stride if conv else (1, 1), padding=m.padding if conv else (0, 0),
@@ -225,11 +229,7 @@ def test_output_error_maps_reach_the_logits_through_the_output_gradients(monkeyp
     from cimstat.engine.network import _map_shift
 
     monkeypatch.setattr(npg, "GRAD_MAX_ELEMENTS", 0)
-    folded, images = _tiny(dtype=torch.float64)
-    layers, _, _ = jacobian_propagation(folded, [(images[:5], None), (images[5:], None)], keep_grads=12)
-    mods = dict(folded.named_modules())
-    with torch.no_grad():
-        z0 = folded(images)
+    folded, images, z0, layers, mods = _tiny_propagation()
     rng = np.random.default_rng(5)
     for name in ("conv1", "conv2"):
         lp = layers[name]

@@ -74,7 +74,7 @@ errors add up to 1.3 dB more energy than their sum. With this route, every layer
 errors of all layers add as amplitudes; the thermal noise's redrawn part stays white. Layers with device noise
 under the ADC, and layers whose map would exceed ``PRECISE_ELEMENT_BUDGET`` conversions, keep the default route.
 Top-1 comes from the default route: on the 64 images the deterministic shifts transfer poorly to accuracy
-(thermal2-adc6: 98.24 % against the MC's 96.09 %, the default route 96.88 %). Cost: 2-30 s per configuration
+(thermal2-adc6: 98.24 % against the MC's 96.09 %, the default route 96.88 %). Cost: 5-14 s per configuration
 for the default model (64 images, every output: about 8x the sample route's conversions), where the default
 route takes 0.1-0.5 s."""
 

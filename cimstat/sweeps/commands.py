@@ -48,7 +48,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     parser.add_argument("--adc-per-image", action="store_true",
                         help="the engine's precise ADC route: the ADC error of every output of the noise-propagation "
-                             "images, propagated per image (2-30 s per configuration for the default model "
+                             "images, propagated per image (5-14 s per configuration for the default model "
                              "instead of 0.1-0.5 s; see cimstat.engine.network.ADC_PER_IMAGE_NOTE)")
 
 
