@@ -161,9 +161,11 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              f"{_f(s['drop_median_pp'])} pp | {_f(s['drop_max_pp'])} pp | {s['drop_n']} | – | |",
              "",
              *([f"Top-1 declined on {s['top1_declined_n']} configuration(s): the engine returns no top-1 where its "
-                "estimated fc SNR is below `cimstat.engine.network.TOP1_MIN_FC_SNR_DB` (errors compound beyond "
-                "the linearised propagation; `top1_note` and the linearised `top1_linear` are in the CSV). "
-                "Counted as missed.", ""] if s.get("top1_declined_n") else []),
+                "estimated fc SNR is below `cimstat.engine.network.TOP1_MIN_FC_SNR_DB`, a layer's isolated SNR "
+                "below `TOP1_MIN_LAYER_SNR_DB` or the layers' error-to-signal ratios add up to more than "
+                "`TOP1_MAX_LAYER_NSR_SUM` (errors compound beyond the linearised propagation; `top1_note` and "
+                "the linearised `top1_linear` are in the CSV). Counted as missed.", ""]
+               if s.get("top1_declined_n") else []),
              "Monte Carlo standard errors (median / max over configurations): conv1 SNR "
              f"{_f(s['mc_conv1_snr_se_db'][0], 3)} / {_f(s['mc_conv1_snr_se_db'][1], 3)} dB, fc SNR "
              f"{_f(s['mc_fc_snr_se_db'][0], 3)} / {_f(s['mc_fc_snr_se_db'][1], 3)} dB (over chip instances), top-1 "
