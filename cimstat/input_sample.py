@@ -52,8 +52,9 @@ def sample_size(fan_in: int, size: int = SAMPLE_SIZE) -> int:
     return min(size, max(LARGE_SAMPLE_MIN, SAMPLE_ELEMENTS // fan_in))
 
 
-def _patches(spec: AnalogLayerSpec, x: torch.Tensor) -> torch.Tensor:
-    """(B, P, K) im2col vectors of the layer input, rows in PyTorch's (C_in, kh, kw) order."""
+def patch_rows(spec: AnalogLayerSpec, x: torch.Tensor) -> torch.Tensor:
+    """(B, P, K) im2col vectors of the layer input, rows in PyTorch's (C_in, kh, kw) order (``spec``: anything with
+    ``kind``, ``kernel_size``, ``dilation``, ``padding``, ``stride``, e.g. a :class:`cimstat.probes.LayerStats`)."""
     if spec.kind == "linear":
         return x.reshape(x.shape[0], 1, -1)
     cols = F.unfold(x, spec.kernel_size, dilation=spec.dilation, padding=spec.padding, stride=spec.stride)
@@ -104,7 +105,7 @@ def _collect(folded: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
 
     def hook_for(name: str):
         def hook(_m, inputs, output):
-            cols = _patches(specs[name], inputs[0].detach().float())          # (B, P, K)
+            cols = patch_rows(specs[name], inputs[0].detach().float())          # (B, P, K)
             b, p, k = cols.shape
             take = min(max(1, math.ceil(sample_size(k, size) / n_images)), p)
             pick = torch.stack([torch.randperm(p, generator=gen)[:take] for _ in range(b)])

@@ -77,8 +77,8 @@ class LayerEstimate:
     gain: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
     offset: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
     #: fixed weight errors the engine propagates exactly per image (``LayerModel.exact_weight_shift``): per
-    #: source, ``(coefficient, map)`` pairs, the error being ``coefficient·map`` (``map`` (C_out, K), weight units)
-    weight_maps: dict[ErrorSource, list[tuple[float, np.ndarray]]] = field(default_factory=dict)
+    #: source, the (C_out, K) error map (weight units)
+    weight_maps: dict[ErrorSource, np.ndarray] = field(default_factory=dict)
     #: the precise ADC route (``LayerModel.adc_image_vectors``): the deterministic ADC quantization error of every
     #: output of the noise-propagation images, (N·P, C_out) image-major, output units; None on the default route
     adc_map: np.ndarray | None = None
@@ -553,7 +553,7 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
     fixed_channel: dict[ErrorSource, np.ndarray] = {}
     gain: dict[ErrorSource, np.ndarray] = {}
     offset: dict[ErrorSource, np.ndarray] = {}
-    weight_maps: dict[ErrorSource, list[tuple[float, np.ndarray]]] = {}
+    weight_maps: dict[ErrorSource, np.ndarray] = {}
     has_noise = cfg.programming_error > 0 or cfg.read_noise > 0
     if cfg.input_bits is None and has_noise:
         raise EstimationError(f"layer {model.name}: programming_error/read_noise with input_bits=None (float inputs) "
@@ -569,7 +569,7 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
         # random as the rest (splitting it off measured 2 dB worse at the logits), so all of dW
         # goes by the per-weight sensitivities
         if model.exact_weight_shift:  # one draw, propagated exactly per image by the engine
-            weight_maps[ErrorSource.WEIGHT_QUANTIZATION] = [(1.0, wq.error)]
+            weight_maps[ErrorSource.WEIGHT_QUANTIZATION] = wq.error
         else:
             fixed[ErrorSource.WEIGHT_QUANTIZATION] = model.cached(("wq_err2", cfg.weight_bits, cfg.weight_scale),
                                                                    lambda: wq.error ** 2)
