@@ -146,21 +146,28 @@ def test_measure_snr_equals_a_hand_computation():
     folded = fold_batchnorm(model)
     signal = error = 0.0
     hits = []
+    per_image = torch.zeros(24, dtype=torch.int64)
     for inst in range(2):
         analog = convert(model, config, resolved, instance=inst)
         conv2 = analog_modules(analog)["conv2"]
         correct = 0
-        for x, y in data:
+        for b, (x, y) in enumerate(data):
             with torch.no_grad():
                 h = torch.relu(folded.conv1(x))
                 ideal = folded.conv2(h).double()
                 noisy = conv2(h).double()
-                correct += int((analog(x).argmax(dim=1) == y).sum())
+                right = analog(x).argmax(dim=1) == y
+                correct += int(right.sum())
+                per_image[b * len(y):(b + 1) * len(y)] += right
             signal += float((ideal ** 2).sum())
             error += float(((noisy - ideal) ** 2).sum())
         hits.append(correct / 24)
     assert result.isolated_snr_db["conv2"] == pytest.approx(10 * math.log10(signal / error), abs=1e-6)
     assert result.top1_per_instance == pytest.approx(hits)
+    # per image, in loader order: on how many chips the analog net was right, and whether the float net was
+    assert result.correct_instances_per_image == per_image.tolist()
+    float_right = torch.cat([folded(x).argmax(dim=1) == y for x, y in data]).tolist()
+    assert result.float_correct_per_image == float_right and sum(float_right) == round(24 * result.float_top1)
     assert isinstance(conv2, AnalogLayer)
 
 

@@ -61,6 +61,16 @@ def test_unknown_layer_fails_before_anything_runs(tmp_path, probe_dir):
     assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--mc-refresh", "--no-mc-cache"], "--mc-refresh replaces cached results"),
+    (["--top1-images", "8"], "--top1-images=8 must be at least --n-images=16"),
+])
+def test_validate_rejects_contradictory_options(tmp_path, probe_dir, extra, message):
+    proc = _cli("sweeps.validate", str(SWEEP), "--probes", str(probe_dir), "--out", str(tmp_path / "out"),
+                "--n-images", "16", *extra)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_validate_killed_midway_resumes_exactly_once(tmp_path, probe_dir):
     args = ["sweeps.validate", str(SWEEP), "--probes", str(probe_dir), "--out", str(tmp_path), "--subset", "0:3",
             "--n-images", "16", "--instances", "1", "--batch-size", "16", "--no-mc-cache", "--quiet"]
@@ -82,5 +92,10 @@ def test_validate_killed_midway_resumes_exactly_once(tmp_path, probe_dir):
                 "mc_seconds", "snr_db[conv1]", "mc_snr_db[conv1]"):
         assert frame[col].notna().all(), col
     assert (frame["err_conv1_db"] - (frame["conv1_snr_db"] - frame["mc_conv1_snr_db"])).abs().max() < 1e-9
+    # the MC top-1 is reported over the whole 1,000-image split, the float network as control variate
+    assert (frame["mc_top1_images"] == 1000).all() and (frame["mc_top1_se_kind"] == "paired").all()
+    drop = frame["mc_top1_sample"] - frame["mc_top1_clean_sample"]
+    assert ((frame["mc_top1"] - (frame["mc_top1_clean"] + drop).clip(0, 1)).abs() < 1e-12).all()
+    assert (frame["mc_top1_clean"] - 0.987).abs().max() < 1e-9  # the float network on the whole split
     assert (run_dir / "validation_scatter.png").is_file() and (run_dir / "validation.md").is_file()
     assert [p.name for p in (tmp_path / "conv1_weight_bits").iterdir()] == [run_dir.name]

@@ -115,3 +115,97 @@ def test_monte_carlo_cache_is_reused_within_tolerance_and_rerun_otherwise(tmp_pa
     assert ev.cached_monte_carlo(combo, _resolved(6.6, adc * 1.01)) is None
     (tmp_path / "cache" / f"{ev.mc_cache_key(combo)}.json").write_text("{not json")
     assert ev.cached_monte_carlo(combo, _resolved(6.6, adc * 1.01)) is None  # a damaged entry is recomputed
+
+
+def _mc(correct, float_right, instances, spread=0.0):
+    """Cached MC columns of a run on len(correct) images (c_i of `instances` chips right, f_i float right)."""
+    correct, float_right = np.asarray(correct), np.asarray(float_right)
+    return {"mc_top1": correct.mean() / instances, "mc_top1_clean": float_right.mean(), "mc_top1_se_pp": 9.9,
+            "mc_top1_spread_se": spread, "mc_image_correct": correct.tolist(),
+            "mc_image_float_correct": float_right.tolist()}
+
+
+def test_top1_over_the_split_carries_the_paired_drop_to_the_float_accuracy_of_every_image():
+    """The MC ran on 200 of 1000 split images: its top-1 over the split is the float network's there plus the
+    drop measured image by image; the error bar is that of the drop (with the finite-population factor)."""
+    from cimstat.sweeps.evaluators import Top1Control, top1_over_split
+
+    rng = np.random.default_rng(0)
+    float_right = (rng.random(200) < 0.95).astype(int)
+    correct = 2 * float_right
+    correct[:6] = 0  # six images lost on both chips, one gained on one chip
+    correct[np.flatnonzero(float_right == 0)[0]] = 1
+    row = top1_over_split(_mc(correct, float_right, 2, spread=0.002), Top1Control(0.97, 1000), instances=2)
+    drop = correct.mean() / 2 - float_right.mean()
+    assert row["mc_top1"] == pytest.approx(0.97 + drop) and row["mc_top1_clean"] == 0.97
+    assert row["mc_top1_sample"] == pytest.approx(correct.mean() / 2) and row["mc_top1_images"] == 1000
+    d = correct / 2 - float_right
+    se = math.sqrt((1 - 200 / 1000) * d.var(ddof=1) / 200 + 0.002 ** 2)
+    assert row["mc_top1_se_kind"] == "paired" and row["mc_top1_se_pp"] == pytest.approx(100 * se)
+    assert row["mc_top1_se_pp"] < row["mc_top1_sample_se_pp"]
+    # the MC on every image of the split: its own top-1, and only the chip spread left in the error bar
+    whole = top1_over_split(_mc(correct, float_right, 2, spread=0.002), Top1Control(float_right.mean(), 200), 2)
+    assert whole["mc_top1"] == pytest.approx(correct.mean() / 2) and whole["mc_top1_se_pp"] == pytest.approx(0.2)
+
+
+def test_top1_over_the_split_without_per_image_results_or_control():
+    """Entries cached before per-image results keep their own (unpaired) error bar; without a control the
+    columns are the sample's; a control over fewer images than the MC ran on is refused."""
+    from cimstat.errors import SweepError
+    from cimstat.sweeps.evaluators import Top1Control, top1_over_split
+
+    old = {"mc_top1": 0.95, "mc_top1_clean": 0.97, "mc_top1_se_pp": 1.4}
+    row = top1_over_split(old, Top1Control(0.98, 1000), instances=2)
+    assert row["mc_top1"] == pytest.approx(0.96) and row["mc_top1_se_pp"] == 1.4
+    assert row["mc_top1_se_kind"] == "unpaired"
+    plain = top1_over_split(_mc([2, 2, 0, 1], [1, 1, 1, 0], 2), None, instances=2)
+    assert plain["mc_top1"] == pytest.approx(5 / 8) and plain["mc_top1_se_kind"] == "sample"
+    with pytest.raises(SweepError, match="control covers 3 images"):
+        top1_over_split(_mc([2, 2, 0, 1], [1, 1, 1, 0], 2), Top1Control(0.9, 3), instances=2)
+
+
+def test_split_control_needs_a_random_order_and_enough_images(tmp_path):
+    from cimstat.errors import SweepError
+    from cimstat.sweeps.evaluators import ValidationEvaluator
+
+    ev = ValidationEvaluator(tmp_path, dataset="imagenet", n_images=50, top1_images=500)
+    with pytest.raises(SweepError, match="random order"):
+        ev._top1_control()
+    assert ValidationEvaluator(tmp_path, dataset="imagenet", n_images=50)._top1_control() is None
+    with pytest.raises(SweepError, match="at least --n-images"):
+        ValidationEvaluator(tmp_path, n_images=50, top1_images=20)._top1_control()
+
+
+def test_entries_of_a_compatible_simulator_are_found_and_refresh_replaces_them(tmp_path, monkeypatch):
+    """A cache written by an earlier simulator whose measurements the current one reproduces stays valid;
+    --mc-refresh reruns it and the new entry (with per-image results) is taken from then on."""
+    from cimstat.hardware import HardwareConfig, LayerConfig
+    from cimstat.sweeps import evaluators
+    from cimstat.sweeps.spec import Combination
+
+    calls = []
+
+    def fake_measure(model, config, resolved, loader, instances, progress):
+        calls.append(1)
+        return fake_result(correct_instances_per_image=[2, 1], float_correct_per_image=[True, True])
+
+    import cimstat.montecarlo
+
+    monkeypatch.setattr(cimstat.montecarlo, "measure", fake_measure)
+    monkeypatch.setattr(evaluators, "COMPATIBLE_SIMULATORS", ("old-simulator",))
+    ev = evaluators.ValidationEvaluator(tmp_path, n_images=2, cache_dir=tmp_path / "cache")
+    ev._fingerprint, ev._model, ev._loader = "weights-a", None, None
+    combo = Combination(0, {}, HardwareConfig(LayerConfig(read_noise=0.05)))
+    resolved = _resolved(6.6, None)
+    import json
+
+    old = {"ranges": evaluators.range_summary(resolved), "mc": {"mc_top1": 0.5, "mc_fc_snr_db": 3.0}}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / f"{ev.mc_cache_key(combo, 'old-simulator')}.json").write_text(json.dumps(old))
+    assert ev.monte_carlo(combo, resolved)["mc_fc_snr_db"] == 3.0 and not calls
+    ev.refresh_cache = True
+    fresh = ev.monte_carlo(combo, resolved)
+    assert not fresh["mc_cached"] and fresh["mc_image_correct"] == [2, 1] and len(calls) == 1
+    ev.refresh_cache = False
+    again = ev.monte_carlo(combo, resolved)
+    assert again["mc_cached"] and again["mc_fc_snr_db"] == 15.0 and len(calls) == 1

@@ -6,7 +6,8 @@ For chip instance ``i`` (seed ``config.seed + i``), over the images of a loader:
   instance gets exactly the float input of ``l``, its output is compared to the float output of ``l``;
 * *end-to-end* SNR of layer ``l``: the whole analog network runs; the output of analog layer ``l`` is
   compared to the float output of ``l`` on the same image; the logits SNR is that of the network output;
-* top-1: arg-max of the analog logits against the labels.
+* top-1: arg-max of the analog logits against the labels; per image, the number of instances that got it
+  right and whether the float network did (for paired, per-image statistics of the accuracy drop).
 
 ``SNR(dB) = 10·log10(Σ ideal² / Σ (noisy − ideal)²)`` with both sums over all outputs, images and —
 for the reported ``*_snr_db`` — all instances (the ratio of the summed energies, i.e. of the
@@ -59,6 +60,11 @@ class MCResult:
     logits_snr_db_per_instance: list[float] = field(default_factory=list)
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    correct_instances_per_image: list[int] = field(default_factory=list)
+    """Per image, in loader order: on how many of the ``instances`` chips the analog arg-max was the label
+    (empty without labels or end-to-end runs)."""
+    float_correct_per_image: list[bool] = field(default_factory=list)
+    """Per image, in loader order: whether the float network's arg-max was the label (empty without labels)."""
 
     @property
     def top1_mean(self) -> float:
@@ -207,6 +213,8 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
     logits = [_Energy() for _ in range(instances)]
     correct = np.zeros(instances)
     float_correct = 0
+    per_image_correct: list[torch.Tensor] = []  # per batch: instances right, summed over instances
+    per_image_float: list[torch.Tensor] = []
     total = 0
     labelled = True
     n_batches = len(loader) if hasattr(loader, "__len__") else None
@@ -227,7 +235,7 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
 
         for name, layer in layers.items():
             layer.register_forward_hook(analog_hook(name))
-        for x, y in _batches(loader, n_images):
+        for batch, (x, y) in enumerate(_batches(loader, n_images)):
             x = x.to(torch.float32)
             ideal_logits = folded(x)
             if inst == 0:
@@ -235,7 +243,9 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
                 if y is None:
                     labelled = False
                 else:
-                    float_correct += int((ideal_logits.argmax(dim=1) == y).sum())
+                    right = ideal_logits.argmax(dim=1) == y
+                    float_correct += int(right.sum())
+                    per_image_float.append(right)
             if isolated:
                 for name in names:
                     if name in float_in:
@@ -246,7 +256,12 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
                 capture["on"] = False
                 logits[inst].add(noisy_logits, ideal_logits)
                 if y is not None:
-                    correct[inst] += int((noisy_logits.argmax(dim=1) == y).sum())
+                    right = (noisy_logits.argmax(dim=1) == y).to(torch.int64)
+                    correct[inst] += int(right.sum())
+                    if inst == 0:
+                        per_image_correct.append(right)
+                    else:
+                        per_image_correct[batch] += right
             float_in.clear()
             float_out.clear()
             bar.update(1)
@@ -271,5 +286,8 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
         if end_to_end else {},
         logits_snr_db_per_instance=[snr_db(e.signal, e.error) for e in logits] if end_to_end else [],
         seconds=time.perf_counter() - start, config=config.to_dict(),
+        correct_instances_per_image=torch.cat(per_image_correct).tolist()
+        if (end_to_end and labelled and per_image_correct) else [],
+        float_correct_per_image=torch.cat(per_image_float).tolist() if (labelled and per_image_float) else [],
     )
     return result

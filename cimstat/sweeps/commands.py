@@ -158,6 +158,11 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--programmed-instances", type=int, default=None, metavar="N",
                         help="chip instances for combinations with programming error (one draw per chip: "
                              "its spread needs more chips than read noise does); default: --instances")
+    parser.add_argument("--top1-images", type=int, default=None, metavar="M",
+                        help="report the MC top-1 over the first M validation images: the float network runs on "
+                             "all M, the MC on the first --n-images, and the float network is the control "
+                             "variate of the accuracy drop (needs a split in random order; default: the whole "
+                             "split for the default dataset, else --n-images)")
     parser.add_argument("--subset", default=None, metavar="EXPR",
                         help="which combinations: 'start:stop[:step]', '0,3,7', or a pandas query over the "
                              "parameter columns, e.g. \"adc_bits >= 6\" (backquote dotted names)")
@@ -167,6 +172,9 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-mc-cache", action="store_true",
                         help="always rerun the Monte Carlo (default: reuse results cached under OUT/.mc-cache "
                              "for the same model, config, ranges, images, instances and simulator code)")
+    parser.add_argument("--mc-refresh", action="store_true",
+                        help="rerun the Monte Carlo even where cached and replace the cached results (e.g. to "
+                             "add the per-image top-1 results that entries of an earlier simulator lack)")
     parser.add_argument("--report", type=Path, default=None,
                         help="also write the Markdown report there (e.g. docs/validation.md)")
     parser.add_argument("--report-only", action="store_true",
@@ -175,6 +183,10 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.programmed_instances is not None and args.programmed_instances < 1:
         raise SweepError(f"--programmed-instances={args.programmed_instances} must be a positive integer")
+    if args.mc_refresh and args.no_mc_cache:
+        raise SweepError("--mc-refresh replaces cached results; it cannot go with --no-mc-cache")
+    if args.top1_images is not None and args.top1_images < args.n_images:
+        raise SweepError(f"--top1-images={args.top1_images} must be at least --n-images={args.n_images}")
     for name in ("n_images", "instances", "batch_size"):
         if getattr(args, name) < 1:
             raise SweepError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
@@ -187,7 +199,8 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     options = {"probes": str(probe_dir.resolve()), "probe_fingerprint": probes.fingerprint, "model": model_name,
                "weights": str(spec.weights) if spec.weights else None, "dataset": dataset,
                "data_root": str(data_root) if data_root else None, "n_images": args.n_images,
-               "instances": args.instances, "programmed_instances": args.programmed_instances, "subset": args.subset}
+               "instances": args.instances, "programmed_instances": args.programmed_instances, "subset": args.subset,
+               "top1_images": args.top1_images}
     if args.report_only and (args.report is None or not args.resume):
         raise SweepError("--report-only needs --report PATH and --resume [RUN_DIR] (the run to report on)")
     if args.report_only and args.resume is True and RunDir.latest_incomplete(Path(args.out) / spec.name,
@@ -202,7 +215,8 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     evaluator = ValidationEvaluator(probe_dir, model_name, spec.weights, dataset, data_root, args.n_images,
                                     args.instances, args.batch_size,
                                     None if args.no_mc_cache else Path(args.out) / ".mc-cache",
-                                    args.programmed_instances, adc_per_image=args.adc_per_image)
+                                    args.programmed_instances, adc_per_image=args.adc_per_image,
+                                    top1_images=args.top1_images, refresh_cache=args.mc_refresh)
     plots: list[Path] = []
     command = _command_line("python -m sweeps.validate", None)
 

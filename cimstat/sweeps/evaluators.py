@@ -10,9 +10,12 @@ per-source breakdown), then ``est_seconds`` (the ``estimate`` call) and ``resolv
 (range resolution / calibration lookup).
 
 A validation row (:class:`ValidationEvaluator`) adds the Monte Carlo referee's
-``mc_conv1_snr_db``, ``mc_fc_snr_db``, ``mc_top1`` (mean over chip instances), their
-standard errors ``mc_conv1_snr_se_db``, ``mc_fc_snr_se_db``, ``mc_top1_se_pp``, the errors
-``mc_top1_clean`` (the float network's top-1 on the MC images),
+``mc_conv1_snr_db``, ``mc_fc_snr_db``, ``mc_top1`` (mean over chip instances; over the whole validation
+split when the float network serves as control variate, see :func:`top1_over_split`), their
+standard errors ``mc_conv1_snr_se_db``, ``mc_fc_snr_se_db``, ``mc_top1_se_pp``, ``mc_top1_clean`` (the
+float network's top-1 on the images ``mc_top1`` refers to), ``mc_top1_images`` (how many),
+``mc_top1_sample``, ``mc_top1_clean_sample`` and ``mc_top1_sample_se_pp`` (the same on the MC's own images),
+``mc_top1_se_kind`` (``paired``, ``unpaired`` or ``sample``, see :func:`top1_over_split`), the errors
 ``err_conv1_db``, ``err_fc_db`` (estimate − MC, dB) and ``err_top1_pp`` (estimate − MC,
 percentage points), ``mc_seconds`` (of the Monte Carlo run that produced the row),
 ``mc_cached`` (True when that run was an earlier one, reused from the cache), and per analog layer the isolated SNRs
@@ -35,7 +38,8 @@ from cimstat.errors import SweepError
 from cimstat.sweeps.spec import Combination
 
 __all__ = ["EstimateEvaluator", "ValidationEvaluator", "mc_columns", "probe_defaults", "DEFAULT_MC_IMAGES",
-           "DEFAULT_MC_INSTANCES", "range_summary", "ranges_match", "RANGE_MATCH_RTOL"]
+           "DEFAULT_MC_INSTANCES", "range_summary", "ranges_match", "RANGE_MATCH_RTOL", "Top1Control",
+           "top1_over_split", "SPLITS_IN_RANDOM_ORDER"]
 
 DEFAULT_MC_IMAGES = 1000
 """Monte Carlo images per combination: the whole default validation split."""
@@ -129,12 +133,15 @@ def _se_of_mean(values: Any) -> float:
 
 
 def mc_columns(result: Any, n_images: int) -> dict[str, Any]:
-    """The ``mc_*`` columns of a ``cimstat.montecarlo.MCResult`` (means over chip instances).
+    """The ``mc_*`` columns of a ``cimstat.montecarlo.MCResult`` (means over chip instances), on the MC's own
+    images (what the cache keeps; :func:`top1_over_split` turns the top-1 into the split's).
 
     Standard errors: SNR — over chip instances (``std/sqrt(K)``) of the per-instance SNR (the
     chip-to-chip and noise spread; not the image sampling); top-1 — the binomial
     image-sampling error (Agresti-Coull, ``sqrt(p'(1-p')/(N+4))``, ``p' = (Np+2)/(N+4)``)
-    combined in quadrature with the instance spread ``std/sqrt(K)``, in percentage points.
+    combined in quadrature with the instance spread ``std/sqrt(K)`` (also kept alone as
+    ``mc_top1_spread_se``), in percentage points. Per image: ``mc_image_correct`` (on how many chips the
+    analog top-1 was right) and ``mc_image_float_correct`` (0/1, the float network).
     """
     row: dict[str, Any] = {}
     iso = dict(getattr(result, "isolated_snr_db", {}) or {})
@@ -154,10 +161,74 @@ def mc_columns(result: Any, n_images: int) -> dict[str, Any]:
     p_ac = (p * n + 2) / (n + 4)  # Agresti-Coull: never a zero error bar at 0 % or 100 %
     binomial = math.sqrt(p_ac * (1 - p_ac) / (n + 4)) if math.isfinite(p) else math.nan
     spread = _se_of_mean(top1)
-    row["mc_top1_se_pp"] = 100 * math.sqrt(binomial ** 2 + (spread if math.isfinite(spread) else 0.0) ** 2)
+    spread = spread if math.isfinite(spread) else 0.0
+    row["mc_top1_se_pp"] = 100 * math.sqrt(binomial ** 2 + spread ** 2)
+    row["mc_top1_spread_se"] = spread
+    row["mc_image_correct"] = [int(c) for c in getattr(result, "correct_instances_per_image", []) or []]
+    row["mc_image_float_correct"] = [int(bool(c)) for c in getattr(result, "float_correct_per_image", []) or []]
     for name, value in iso.items():
         row[layer_column(MC_LAYER_SNR_PREFIX, name)] = _float(value)
     return row
+
+
+SPLITS_IN_RANDOM_ORDER = ("default",)
+"""Datasets whose validation split is stored in a seeded random order, so that its first ``n`` images are a
+random sample of its first ``M``: the condition for :func:`top1_over_split`. (ImageNet folders are read in
+class order: a prefix holds the first classes only.)"""
+
+
+@dataclass(frozen=True)
+class Top1Control:
+    """The float network's top-1 over the first ``n_images`` images of the validation split."""
+
+    float_top1: float
+    n_images: int
+
+
+def top1_over_split(mc: Mapping[str, Any], control: Top1Control | None, instances: int) -> dict[str, Any]:
+    """The top-1 columns of a row from the cached MC columns ``mc`` (on the MC's own ``n`` images).
+
+    With ``control`` (the float top-1 ``F`` over the first ``N ≥ n`` split images, the MC's ``n`` among them),
+    the MC top-1 is reported over those ``N`` images with the float network as control variate (a difference
+    estimator): ``top1 = F + mean_i d_i``, ``d_i = c_i/K − f_i`` per MC image (``c_i`` of the ``K`` chips right,
+    ``f_i`` the float network right). It is unbiased when the ``n`` images are a random sample of the ``N``
+    (:data:`SPLITS_IN_RANDOM_ORDER`), and its image-sampling error is that of the *drop*, not of the accuracy:
+
+        se² = (1 − n/N)·max(s_d², 1/n)/n + spread²
+
+    with ``s_d²`` the sample variance of ``d`` (at least that of one disagreement in ``n`` images, so a sample
+    without any does not claim zero), ``(1 − n/N)`` the finite-population correction (0 when the MC ran on all
+    ``N``) and ``spread`` the chip-to-chip standard error of the per-chip top-1 (added in full: it overlaps
+    ``s_d``, so the error bar is conservative). ``se_kind`` says ``paired``; entries cached without per-image
+    results keep the sample's unpaired error bar (``unpaired``: binomial over ``n`` and spread), larger.
+    Without ``control`` the columns are the sample's (``sample``).
+    """
+    sample, clean, sample_se = (_float(mc.get(k)) for k in ("mc_top1", "mc_top1_clean", "mc_top1_se_pp"))
+    out = {"mc_top1_sample": sample, "mc_top1_clean_sample": clean, "mc_top1_sample_se_pp": sample_se}
+    correct = np.asarray(mc.get("mc_image_correct") or [], dtype=np.float64)
+    float_right = np.asarray(mc.get("mc_image_float_correct") or [], dtype=np.float64)
+    n = correct.size
+    paired = n > 1 and float_right.size == n
+    if control is None:
+        out.update(mc_top1=sample, mc_top1_clean=clean, mc_top1_se_pp=sample_se, mc_top1_images=n or math.nan,
+                   mc_top1_se_kind="sample")
+        return out
+    if paired and control.n_images < n:
+        raise SweepError(f"the top-1 control covers {control.n_images} images but the Monte Carlo ran on {n}")
+    out["mc_top1"] = min(max(control.float_top1 + sample - clean, 0.0), 1.0)
+    out["mc_top1_clean"] = control.float_top1
+    out["mc_top1_images"] = control.n_images
+    if paired:
+        d = correct / instances - float_right
+        s2 = max(float(d.var(ddof=1)), 1.0 / n)
+        spread = _float(mc.get("mc_top1_spread_se"))
+        spread = spread if math.isfinite(spread) else 0.0
+        out["mc_top1_se_pp"] = 100 * math.sqrt((1 - n / control.n_images) * s2 / n + spread ** 2)
+        out["mc_top1_se_kind"] = "paired"
+    else:
+        out["mc_top1_se_pp"] = sample_se
+        out["mc_top1_se_kind"] = "unpaired"
+    return out
 
 
 @dataclass
@@ -190,6 +261,15 @@ class ValidationEvaluator:
     adc_per_image: bool = False
     """The engine's precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
 
+    refresh_cache: bool = False
+    """Rerun the Monte Carlo even where a cached result exists, and replace it in the cache."""
+
+    top1_images: int | None = None
+    """The MC top-1 is reported over the first ``top1_images`` images of the validation split, the float
+    network (run on all of them) as control variate for the ``n_images`` the MC runs on
+    (:func:`top1_over_split`). None: the whole split where its order is random
+    (:data:`SPLITS_IN_RANDOM_ORDER`), else ``n_images`` (the MC's own images)."""
+
     def instances_for(self, combo: Combination) -> int:
         """Chip instances of the Monte Carlo run of ``combo``."""
         cfg = combo.config
@@ -211,6 +291,36 @@ class ValidationEvaluator:
         n = len(self._loader.dataset)
         if n < self.n_images:
             raise SweepError(f"--n-images={self.n_images} but the {self.dataset!r} validation split has only {n}")
+        self._control = self._top1_control()
+
+    def _top1_control(self) -> Top1Control | None:
+        """The float top-1 over the first :attr:`top1_images` split images (None where that is the MC's own)."""
+        from cimstat.data import dataset as split_dataset
+        from cimstat.data import loader
+
+        random_order = self.dataset in SPLITS_IN_RANDOM_ORDER
+        m = self.top1_images
+        if m is None:
+            m = len(split_dataset(self.dataset, "validation", self.data_root)) if random_order else self.n_images
+        if m < self.n_images:
+            raise SweepError(f"--top1-images={m} must be at least --n-images={self.n_images} (the MC's images are "
+                             "the first of them)")
+        if m == self.n_images:
+            return None
+        if not random_order:
+            raise SweepError(f"--top1-images={m} > --n-images={self.n_images} needs a validation split in random "
+                             f"order (one of {list(SPLITS_IN_RANDOM_ORDER)}); the {self.dataset!r} split is not: "
+                             "its first images are not a random sample of the rest")
+        import torch
+
+        from cimstat.network import fold_batchnorm
+
+        folded = fold_batchnorm(self._model).eval()
+        right = 0
+        with torch.no_grad():
+            for x, y in loader(self.dataset, "validation", self.batch_size, self.data_root, n_images=m):
+                right += int((folded(x.to(torch.float32)).argmax(dim=1) == y).sum())
+        return Top1Control(right / m, m)
 
     def __call__(self, combo: Combination) -> dict[str, Any]:
         """Estimate and MC columns; when only the engine declines (``EstimationError``) the MC
@@ -228,12 +338,14 @@ class ValidationEvaluator:
         out: dict[str, Any] = {}
         for key in ("conv1_snr_db", "fc_snr_db", "top1"):
             out[key] = _float(row.get(key))
-        out.update({k: mc[k] for k in ("mc_conv1_snr_db", "mc_fc_snr_db", "mc_top1")})
+        top1 = top1_over_split(mc, self._control, self.instances_for(combo))
+        out.update({k: mc[k] for k in ("mc_conv1_snr_db", "mc_fc_snr_db")})
+        out["mc_top1"] = top1.pop("mc_top1")
         out["err_conv1_db"] = out["conv1_snr_db"] - out["mc_conv1_snr_db"]
         out["err_fc_db"] = out["fc_snr_db"] - out["mc_fc_snr_db"]
         out["err_top1_pp"] = 100 * (out["top1"] - out["mc_top1"])
-        out.update({k: mc.get(k, math.nan) for k in ("mc_conv1_snr_se_db", "mc_fc_snr_se_db", "mc_top1_se_pp",
-                                                     "mc_top1_clean")})
+        out.update({k: mc.get(k, math.nan) for k in ("mc_conv1_snr_se_db", "mc_fc_snr_se_db")})
+        out.update(top1)
         out["est_seconds"] = row.get("est_seconds", math.nan)
         out["mc_seconds"] = mc_seconds
         out["mc_cached"] = mc_cached
@@ -247,33 +359,38 @@ class ValidationEvaluator:
             out["error"] = estimation_error
         return out
 
-    def mc_cache_key(self, combo: Combination) -> str:
+    def mc_cache_key(self, combo: Combination, simulator: str | None = None) -> str:
         """sha256 of everything a Monte Carlo row depends on but the resolved ranges: the model
-        weights, the config and seed, dataset, images, instances, and the simulator's source code.
+        weights, the config and seed, dataset, images, instances, and the simulator's source code
+        (``simulator``: its hash; default the current sources').
         The ranges are matched within a tolerance instead (:func:`ranges_match`)."""
         facts = {"cache_format": MC_CACHE_FORMAT, "fingerprint": self._fingerprint,
                  "config": combo.config.to_dict() | {"name": ""}, "dataset": self.dataset,
                  "data_root": str(self.data_root or ""), "n_images": self.n_images,
                  "instances": self.instances_for(combo), "batch_size": self.batch_size,
-                 "simulator": _simulator_source_hash()}
+                 "simulator": simulator or _simulator_source_hash()}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
-    def _cache_path(self, combo: Combination) -> Path | None:
+    def _cache_path(self, combo: Combination, simulator: str | None = None) -> Path | None:
         """Where ``combo``'s cache entry lives (None without a cache)."""
-        return None if self.cache_dir is None else Path(self.cache_dir) / f"{self.mc_cache_key(combo)}.json"
+        if self.cache_dir is None:
+            return None
+        return Path(self.cache_dir) / f"{self.mc_cache_key(combo, simulator)}.json"
 
     def cached_monte_carlo(self, combo: Combination, resolved: Mapping[str, Any]) -> dict[str, Any] | None:
         """The cached ``mc_*`` columns of ``combo`` if an entry exists whose ranges match
-        ``resolved`` (:func:`ranges_match`), else None (no cache, no entry, other ranges, damaged file)."""
-        path = self._cache_path(combo)
-        if path is None:
+        ``resolved`` (:func:`ranges_match`), else None (no cache, no entry, other ranges, damaged file).
+        An entry of the current simulator is preferred; one of a :data:`COMPATIBLE_SIMULATORS` is taken
+        next (it lacks the per-image top-1 results: its top-1 error bar stays unpaired)."""
+        if self.cache_dir is None:
             return None
-        try:
-            entry = json.loads(path.read_text())
-            if ranges_match(entry["ranges"], range_summary(resolved)):
-                return dict(entry["mc"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            pass  # missing or damaged: recomputed
+        for simulator in (None, *COMPATIBLE_SIMULATORS):
+            try:
+                entry = json.loads(self._cache_path(combo, simulator).read_text())
+                if ranges_match(entry["ranges"], range_summary(resolved)):
+                    return dict(entry["mc"])
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass  # missing or damaged: recomputed
         return None
 
     def monte_carlo(self, combo: Combination, resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -285,7 +402,7 @@ class ValidationEvaluator:
         weights or simulator code, or a range change beyond :data:`RANGE_MATCH_RTOL`, reruns it."""
         from cimstat.montecarlo import measure
 
-        cached = self.cached_monte_carlo(combo, resolved)
+        cached = None if self.refresh_cache else self.cached_monte_carlo(combo, resolved)
         if cached is not None:
             return {**cached, "mc_cached": True}
         t0 = time.perf_counter()
@@ -345,6 +462,13 @@ def ranges_match(a: Mapping[str, Any], b: Mapping[str, Any], rtol: float = RANGE
 
     return all(close(a[k], b[k]) for k in a)
 
+
+COMPATIBLE_SIMULATORS = ("953fed0ff6497940bfb4363670b0b84cc69049dbc1e4892e5c03cbb7d4973128",)
+"""Source hashes (:func:`_simulator_source_hash`) of earlier simulators whose cached measurements the current one
+reproduces, so their entries stay valid: only add one after rerunning cached configurations and comparing.
+``953fed0f…``: the simulator before ``measure`` also returned per-image correctness (outputs added, nothing
+else). Run side by side on the same probes and thread count (32 images, 2 chips of a bit-serial ADC, a read-noise
+and a programming-error configuration), the two gave identical results to the last bit."""
 
 SIMULATOR_FILES_SKIPPED = ("__init__.py", "__main__.py")
 """Simulator files whose changes cannot change a measurement (exports, command line)."""

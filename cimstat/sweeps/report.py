@@ -87,6 +87,9 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
     out["fc_low_n"] = int((np.isfinite(mc_fc) & ~judged).sum())
     out["top1_median_pp"], out["top1_max_pp"], out["top1_n"] = _stat(_num(frame, "err_top1_pp"))
     out["drop_median_pp"], out["drop_max_pp"], out["drop_n"] = _stat(top1_drop_error_pp(frame))
+    # MC top-1 error bars over the split without per-image results (cached by an earlier simulator)
+    kind = frame["mc_top1_se_kind"] if "mc_top1_se_kind" in frame.columns else pd.Series("", index=frame.index)
+    out["top1_unpaired_n"] = int(((kind == "unpaired").to_numpy() & np.isfinite(_num(frame, "mc_top1"))).sum())
     # configurations whose top-1 the engine declined (NaN estimate next to a Monte Carlo value)
     out["top1_declined_n"] = int((np.isfinite(_num(frame, "mc_top1")) & ~np.isfinite(_num(frame, "top1"))).sum())
     layer_errors: dict[str, np.ndarray] = {}
@@ -108,6 +111,16 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
     out["n_configs"] = len(frame)
     out["n_errors"] = int(frame["error"].notna().sum()) if "error" in frame.columns else 0
     return out
+
+
+def _top1_images(frame: pd.DataFrame, info: Mapping[str, Any]) -> int | None:
+    """The split images the MC top-1 is reported over, where that is more than the MC's own (else None)."""
+    m = _num(frame, "mc_top1_images")
+    m = m[np.isfinite(m)]
+    n = info.get("n_images")
+    if not m.size or not isinstance(n, int) or m.max() <= n:
+        return None
+    return int(m.max())
 
 
 def _f(value: float, digits: int = 2) -> str:
@@ -142,6 +155,11 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              f"(disjoint from the probe split), {info.get('instances', '?')} chip instances per configuration"
              + (f" ({info['programmed_instances']} where programming error is on)"
                 if info.get("programmed_instances") else ""),
+             *([f"- MC top-1: over the first {m} images of the validation split (the {info.get('n_images', '?')} MC "
+                "images among them): the float network's top-1 on all of them plus the drop the MC measured on "
+                "its images, each image paired with the float network (a control variate; "
+                "`cimstat.sweeps.evaluators.top1_over_split`); the MC images' own top-1 is `mc_top1_sample` in "
+                "the CSV"] if (m := _top1_images(frame, info)) else []),
              "- errors are estimate − MC; SNR in dB, top-1 in percentage points (pp)", "",
              "## Error statistics", "",
              "| quantity | median abs error | max abs error | configs | target | |",
@@ -169,7 +187,9 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              "Monte Carlo standard errors (median / max over configurations): conv1 SNR "
              f"{_f(s['mc_conv1_snr_se_db'][0], 3)} / {_f(s['mc_conv1_snr_se_db'][1], 3)} dB, fc SNR "
              f"{_f(s['mc_fc_snr_se_db'][0], 3)} / {_f(s['mc_fc_snr_se_db'][1], 3)} dB (over chip instances), top-1 "
-             f"{_f(s['mc_top1_se_pp'][0])} / {_f(s['mc_top1_se_pp'][1])} pp (image sampling and instance spread). "
+             f"{_f(s['mc_top1_se_pp'][0])} / {_f(s['mc_top1_se_pp'][1])} pp (image sampling and instance spread"
+             + (f"; {s['top1_unpaired_n']} of them from results cached without per-image data, whose error bar "
+                "is the unpaired one of their own images" if s.get("top1_unpaired_n") else "") + "). "
              "The SNR standard errors measure the chip-to-chip and noise spread only (0 for a configuration "
              "without random noise); the estimate is made on the probe images and the MC on other images, so "
              "both errors also contain the difference between the two image samples (the float top-1 of each "
