@@ -342,3 +342,23 @@ def test_precise_adc_route_changes_only_the_adc_propagation(default_probes, engi
     noisy = HardwareConfig(cfg.default.replace(read_noise=0.02), name="adc5-read")
     res = fast.resolve(noisy)
     assert all(le.adc_map is None for le in precise.estimate(noisy, res).layers.values())
+
+
+def test_layer_caches_share_one_byte_budget_without_changing_results(default_probes):
+    """A sweep's caches stay within the engine's budget across layers (least recently used dropped first), and
+    what is recomputed after an eviction is the same as what was cached."""
+    from cimstat.engine import Engine
+
+    budget = 64 << 20
+    tight = Engine(default_probes, cache_bytes=budget)
+    roomy = Engine(default_probes)
+    configs = [dict(input_bits=b, weight_bits=6, read_noise=0.02) for b in (4, 6, 8)]
+    for knobs in configs + configs[:1]:
+        a, b = _est(tight, **knobs), _est(roomy, **knobs)
+        assert a.fc_snr_db == pytest.approx(b.fc_snr_db, rel=1e-12) and a.top1 == pytest.approx(b.top1, rel=1e-12)
+        for name, layer in a.layers.items():
+            assert layer.snr_db == pytest.approx(b.layers[name].snr_db, rel=1e-12)
+        held = sum(sum(lm._sizes.values()) for lm in tight.layers.values())
+        largest = max(s for lm in tight.layers.values() for s in lm._sizes.values())
+        assert held == tight.cache_budget.held and held <= budget + largest
+    assert roomy.cache_budget.held > 2 * budget  # the same sweep, unconstrained, holds far more

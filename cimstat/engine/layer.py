@@ -37,10 +37,49 @@ from .sampled_adc import SampledError, adc_error_map, sampled_adc_error, sampled
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
-__all__ = ["LayerModel", "LayerEstimate", "estimate_layer"]
+__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "CacheBudget", "ENGINE_CACHE_BYTES"]
 
-CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64): ~4 GB for the default network
+CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64)
+ENGINE_CACHE_BYTES = 2 << 30
+"""Default byte budget of an engine's layer caches together (:class:`CacheBudget`). The per-layer budgets alone
+add up to ~7 GB for the default network: an estimate-only sweep of the 39 validation configurations reached
+6.8 GB of cached arrays (9 GB resident), and two validation workers with their Monte Carlo runs were killed for
+memory on a 24 GB machine. One configuration's working set is 0.3-0.6 GB, so 2 GB keeps a few quantization
+structures warm."""
 _MISSING = object()
+
+
+class CacheBudget:
+    """One least-recently-used byte budget shared by the caches of several :class:`LayerModel` s: the entry used
+    longest ago, in whichever layer, is dropped first once they hold more than ``max_bytes`` together."""
+
+    def __init__(self, max_bytes: int = ENGINE_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"cache budget max_bytes={max_bytes} must be >= 0")
+        self.max_bytes = int(max_bytes)
+        self.held = 0  #: bytes held by the entries it tracks
+        self._order: dict[tuple[int, tuple], tuple[Any, int]] = {}  # insertion order = least recently used first
+
+    def touch(self, layer: "LayerModel", key: tuple, size: int) -> None:
+        """``layer``'s entry ``key`` (of ``size`` bytes) was just used; evict others beyond the budget."""
+        slot = (id(layer), key)
+        old = self._order.pop(slot, None)
+        if old is not None:
+            self.held -= old[1]
+        self._order[slot] = (layer, size)
+        self.held += size
+        while self.held > self.max_bytes and len(self._order) > 1:
+            victim = next(iter(self._order))
+            owner, victim_size = self._order.pop(victim)
+            self.held -= victim_size
+            owner._cache.pop(victim[1], None)
+            owner._sizes.pop(victim[1], None)
+
+    def forget(self, layer: "LayerModel", key: tuple) -> None:
+        """``layer`` dropped its entry ``key`` itself."""
+        old = self._order.pop((id(layer), key), None)
+        if old is not None:
+            self.held -= old[1]
 
 
 def _nbytes(obj: Any, depth: int = 0) -> int:
@@ -115,6 +154,8 @@ class LayerModel:
         self._dist: ChannelDistribution | None = None
         self._cache: dict[tuple, Any] = {}
         self._sizes: dict[tuple, int] = {}
+        #: a budget shared with other layers (the engine's), or None: this layer's own budget only
+        self.budget: CacheBudget | None = None
         #: (S, K) probed input vectors (``noise_prop.pkl`` ``input_sample``) or None: with it the ADC
         #: error is an expectation over the sample (:mod:`.sampled_adc`) instead of the moment model
         self.input_sample: np.ndarray | None = None
@@ -180,12 +221,15 @@ class LayerModel:
     def cached(self, key: tuple, build):
         """The value of ``build()`` kept under ``key``; least recently used entries are dropped
         once the cache holds more than ``CACHE_WEIGHT_ARRAYS`` arrays of the weight's size plus
-        four ``K x K`` tables, at least 64 MB (or 256 entries), so a long sweep's memory stays bounded."""
+        four ``K x K`` tables, at least 64 MB (or 256 entries), and beyond the shared :attr:`budget`,
+        so a long sweep's memory stays bounded."""
         hit = self._cache.pop(key, _MISSING)
         if hit is _MISSING:
             hit = build()
             self._sizes[key] = _nbytes(hit)
         self._cache[key] = hit  # (re)inserted last: most recently used
+        if self.budget is not None:
+            self.budget.touch(self, key, self._sizes.get(key, 0))
         k = self.weight.shape[1]
         budget = max(CACHE_WEIGHT_ARRAYS * self.weight.nbytes + 4 * 8 * k * k, 64 << 20)  # + K x K tables
         held = sum(self._sizes.get(k, 0) for k in self._cache)
@@ -193,6 +237,8 @@ class LayerModel:
             old = next(iter(self._cache))
             del self._cache[old]
             held -= self._sizes.pop(old, 0)
+            if self.budget is not None:
+                self.budget.forget(self, old)
         return hit
 
     # ---- pieces keyed by the knobs they depend on ------------------------------------

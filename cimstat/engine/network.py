@@ -42,7 +42,7 @@ from cimstat.accuracy import top1 as predicted_top1
 from cimstat.errors import EstimationError
 from cimstat.hardware import HardwareConfig, ResolvedLayer, load_config
 
-from .layer import LayerEstimate, LayerModel, estimate_layer
+from .layer import ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, estimate_layer
 from cimstat.metrics import snr_db
 
 from .sources import ErrorSource
@@ -178,7 +178,8 @@ def _model_weights(probes: Any, model: Any = None) -> dict[str, np.ndarray]:
 class Engine:
     """The analytic engine bound to one probe set (caches weights and per-layer statistics)."""
 
-    def __init__(self, probes: Any, model: Any = None, *, adc_per_image: bool = False):
+    def __init__(self, probes: Any, model: Any = None, *, adc_per_image: bool = False,
+                 cache_bytes: int = ENGINE_CACHE_BYTES):
         self.probes = probes
         #: the precise ADC route (:data:`ADC_PER_IMAGE_NOTE`): the ADC error of every output of the
         #: noise-propagation images, propagated per image, where the probes allow it
@@ -189,6 +190,10 @@ class Engine:
         if missing:
             raise EstimationError(f"the model has no analog layer(s) {missing[:3]} that the probes describe")
         self.layers = {n: LayerModel(ls, weights[n]) for n, ls in stats.layers.items()}
+        #: the layers' caches share one byte budget (``cache_bytes``; :data:`~cimstat.engine.layer.ENGINE_CACHE_BYTES`)
+        self.cache_budget = CacheBudget(cache_bytes)
+        for lm in self.layers.values():
+            lm.budget = self.cache_budget
         self.logits = np.asarray(stats.logits, dtype=np.float64)
         self.labels = np.asarray(stats.labels, dtype=np.int64)
         self.logit_signal = float((self.logits ** 2).sum(1).mean())
