@@ -199,7 +199,7 @@ def top1_over_split(mc: Mapping[str, Any], control: Top1Control | None, instance
     with ``s_d²`` the sample variance of ``d`` (at least that of one disagreement in ``n`` images, so a sample
     without any does not claim zero), ``(1 − n/N)`` the finite-population correction (0 when the MC ran on all
     ``N``) and ``spread`` the chip-to-chip standard error of the per-chip top-1 (added in full: it overlaps
-    ``s_d``, so the error bar is conservative). ``se_kind`` says ``paired``; entries cached without per-image
+    ``s_d``, so the error bar is conservative). ``mc_top1_se_kind`` says ``paired``; entries cached without per-image
     results keep the sample's unpaired error bar (``unpaired``: binomial over ``n`` and spread), larger.
     Without ``control`` the columns are the sample's (``sample``).
     """
