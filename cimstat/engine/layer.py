@@ -42,10 +42,10 @@ __all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "CacheBudget", "ENGI
 CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64)
 ENGINE_CACHE_BYTES = 2 << 30
 """Default byte budget of an engine's layer caches together (:class:`CacheBudget`). The per-layer budgets alone
-add up to ~7 GB for the default network: an estimate-only sweep of the 39 validation configurations reached
-6.8 GB of cached arrays (9 GB resident), and two validation workers with their Monte Carlo runs were killed for
-memory on a 24 GB machine. One configuration's working set is 0.3-0.6 GB, so 2 GB keeps a few quantization
-structures warm."""
+add up to 7.7 GB for the default network: an estimate-only sweep of the 39 validation configurations reached
+6.8 GB of cached arrays (9 GB resident), and one of two validation workers (engine and Monte Carlo, 13 GB each) was
+killed for memory on a 24 GB machine. One configuration adds 0.3-0.6 GB to the caches, so 2 GB keeps a few
+quantization structures warm."""
 _MISSING = object()
 
 
