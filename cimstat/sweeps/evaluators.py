@@ -311,16 +311,11 @@ class ValidationEvaluator:
             raise SweepError(f"--top1-images={m} > --n-images={self.n_images} needs a validation split in random "
                              f"order (one of {list(SPLITS_IN_RANDOM_ORDER)}); the {self.dataset!r} split is not: "
                              "its first images are not a random sample of the rest")
-        import torch
-
         from cimstat.network import fold_batchnorm
+        from cimstat.training import evaluate
 
-        folded = fold_batchnorm(self._model).eval()
-        right = 0
-        with torch.no_grad():
-            for x, y in loader(self.dataset, "validation", self.batch_size, self.data_root, n_images=m):
-                right += int((folded(x.to(torch.float32)).argmax(dim=1) == y).sum())
-        return Top1Control(right / m, m)
+        images, labels = next(iter(loader(self.dataset, "validation", m, self.data_root, n_images=m)))
+        return Top1Control(evaluate(fold_batchnorm(self._model), images.float(), labels), m)
 
     def __call__(self, combo: Combination) -> dict[str, Any]:
         """Estimate and MC columns; when only the engine declines (``EstimationError``) the MC
