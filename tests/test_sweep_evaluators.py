@@ -94,7 +94,7 @@ def test_monte_carlo_cache_is_reused_within_tolerance_and_rerun_otherwise(tmp_pa
 
     calls = []
 
-    def fake_measure(model, config, resolved, loader, instances, progress):
+    def fake_measure(model, config, resolved, loader, instances, progress, device):
         calls.append(resolved)
         return fake_result(logits_snr_db=15.0 + len(calls))
 
@@ -185,7 +185,7 @@ def test_entries_of_a_compatible_simulator_are_found_and_refresh_replaces_them(t
 
     calls = []
 
-    def fake_measure(model, config, resolved, loader, instances, progress):
+    def fake_measure(model, config, resolved, loader, instances, progress, device):
         calls.append(1)
         return fake_result(correct_instances_per_image=[2, 1], float_correct_per_image=[True, True])
 

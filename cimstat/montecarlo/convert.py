@@ -46,7 +46,8 @@ def _layer_knobs(config: HardwareConfig, name: str, resolved: Mapping[str, Resol
 
 
 def convert(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, ResolvedLayer] | None = None,
-            instance: int = 0, *, exact_read_noise: bool = False, precision: str = "auto") -> nn.Module:
+            instance: int = 0, *, exact_read_noise: bool = False, precision: str = "auto",
+            device: str | torch.device = "cpu") -> nn.Module:
     """An analog copy of ``model`` (eval mode, batch norm folded): chip instance ``instance``.
 
     Every Conv2d/Linear becomes an :class:`AnalogLayer` with chip seed ``config.seed + instance``
@@ -55,6 +56,8 @@ def convert(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
     it must need no data-dependent range (``input_bits=None``). ``model`` itself is not changed.
     ``exact_read_noise``: per-device read noise (tiny layers); ``precision``: ``"auto"`` computes partial
     sums in float32 where integer sums stay exact (< 2^24), else float64; ``"float64"`` always.
+    ``device``: where the copy runs (``"cuda"`` for a GPU); the chip is the same on every device (weight codes and
+    programming errors are drawn on the CPU), only the read-noise / thermal-noise stream is the device's own.
     """
     if not isinstance(config, HardwareConfig):
         raise ConfigError(f"config must be a HardwareConfig, got {type(config).__name__}")
@@ -71,8 +74,9 @@ def convert(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
         knobs, ranges = _layer_knobs(config, name, resolved)
         module = folded.get_submodule(name)
         replace_module(folded, name, AnalogLayer(name, module, knobs, ranges, config.seed + int(instance),
-                                                 exact_read_noise=exact_read_noise, precision=precision))
-    return folded.eval()
+                                                 exact_read_noise=exact_read_noise, precision=precision,
+                                                 device=device))
+    return folded.to(device).eval()
 
 
 def analog_modules(model: nn.Module) -> dict[str, AnalogLayer]:

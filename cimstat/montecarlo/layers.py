@@ -38,6 +38,12 @@ Noise and random streams
     (:meth:`AnalogLayer.reset_noise` rewinds it): the same chip seed and the same sequence of
     inputs give the same outputs.
 
+Devices
+    ``device="cuda"`` runs the layer on a GPU. Weight codes, programming errors and the device matrices are
+    built on the CPU (its generator draws the programming errors) and then moved, so a chip is the same chip on
+    every device; the read/thermal stream is a generator of the device itself (same seed, other draws). Chunks
+    are larger there (``CUDA_WORK_ELEMENTS``).
+
 Read noise: exact and fast modes
     ``exact_read_noise=True`` draws one ``e_r`` per device, input vector and pass and clips the
     conductance at 0 (costs ``K·C_out`` normals per input vector and pass; tiny layers only).
@@ -98,7 +104,10 @@ EXACT_SUM_LIMIT = 2 ** 24
 """Integer sums below this are exact in float32; larger bounds make the layer compute in float64."""
 
 WORK_ELEMENTS = 2 ** 23
-"""Largest intermediate tensor (elements) one chunk of input vectors may create (32-64 MB)."""
+"""Largest intermediate tensor (elements) one chunk of input vectors may create on the CPU (32-64 MB)."""
+
+CUDA_WORK_ELEMENTS = 2 ** 26
+"""The same on a CUDA device (256-512 MB): larger chunks keep a GPU busy between kernel launches."""
 
 
 def stream_seed(chip_seed: int, layer_name: str, stream: int) -> int:
@@ -125,12 +134,15 @@ class AnalogLayer(nn.Module):
     """One chip instance of an analog Conv2d or Linear layer (see the module docstring)."""
 
     def __init__(self, name: str, module: nn.Conv2d | nn.Linear, config: LayerConfig, ranges: LayerRanges,
-                 chip_seed: int, *, exact_read_noise: bool = False, precision: str = "auto") -> None:
+                 chip_seed: int, *, exact_read_noise: bool = False, precision: str = "auto",
+                 device: str | torch.device = "cpu") -> None:
         super().__init__()
         if precision not in ("auto", "float64"):
             raise ConfigError(f"precision={precision!r} must be 'auto' (float32 where integer sums are exact, "
                               "else float64) or 'float64'")
         self.precision = precision
+        self.device = torch.device(device)
+        self.work_elements = CUDA_WORK_ELEMENTS if self.device.type == "cuda" else WORK_ELEMENTS
         if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 raise ConfigError(f"layer {name}: groups={module.groups}; the simulator maps only groups=1 convs")
@@ -151,16 +163,17 @@ class AnalogLayer(nn.Module):
         self.chip_seed = int(chip_seed)
         self.exact_read_noise = bool(exact_read_noise)
         self.partial_sum_observer: PartialSumObserver | None = None
-        weight = module.weight.detach().to(torch.float32)
+        weight = module.weight.detach().to("cpu", torch.float32)
         self.out_channels = int(weight.shape[0])
         self.weight_matrix = weight.reshape(self.out_channels, -1).clone()
         self.fan_in = int(self.weight_matrix.shape[1])
-        self.bias = None if module.bias is None else module.bias.detach().to(torch.float32).clone()
+        self.bias = None if module.bias is None else module.bias.detach().to("cpu", torch.float32).clone()
         self._check_ranges()
         self._integer = config.input_bits is not None and config.weight_bits is not None
-        self._read_gen = torch.Generator()
+        self._read_gen = torch.Generator(device=self.device)
         self.reset_noise()
         self._prepare_weights()
+        self._move_to_device()
 
     # ------------------------------------------------------------------ setup
     def _check_ranges(self) -> None:
@@ -223,7 +236,7 @@ class AnalogLayer(nn.Module):
         only on the chip seed and the layer name, so deferring changes nothing."""
         if self.channels is not None:
             return
-        c, qw = self.config, self.qw
+        c, qw = self.config, self.qw.cpu()  # drawn and built on the CPU, then moved (see _move_to_device)
         if c.weight_encoding is WeightEncoding.DIFFERENTIAL:
             polarities = [(1.0, torch.clamp(qw, min=0)), (-1.0, torch.clamp(-qw, min=0))]
         else:
@@ -244,6 +257,23 @@ class AnalogLayer(nn.Module):
             channels.append(self._adc_channels(arrays))
         self.channels = channels
         self._build_columns()
+        self._move_to_device()
+
+    def _move_to_device(self) -> None:
+        """Put every tensor ``forward`` reads on :attr:`device`. Weight codes and programming errors are
+        computed on the CPU (its generator draws them), so a chip is the same device by device; only the
+        read-noise / thermal-noise stream is the device's own generator."""
+        if self.device.type == "cpu":
+            return
+        dev = self.device
+        for attr in ("weight_matrix", "bias", "qw", "weight_step", "float_weight", "_column_coef", "_mean_all",
+                     "_var_all", "_adc_steps"):
+            value = getattr(self, attr, None)
+            if isinstance(value, torch.Tensor):
+                setattr(self, attr, value.to(dev))
+        for chans in getattr(self, "channels", None) or []:  # float layers have no device arrays
+            for ch in chans:
+                ch.programmed = [(sign, h.to(dev), s.to(dev)) for sign, h, s in ch.programmed]
 
     @staticmethod
     def _sigma(alpha: float, model: NoiseModel, g: torch.Tensor, level_max: int) -> torch.Tensor:
@@ -292,7 +322,7 @@ class AnalogLayer(nn.Module):
         for ch in self.channels[weight_slice]:
             for _sign, h, sigma in ch.programmed:
                 reads = h.unsqueeze(0) + sigma.unsqueeze(0) * torch.randn((n_reads,) + tuple(h.shape), dtype=h.dtype,
-                                                                          generator=self._read_gen)
+                                                                          device=h.device, generator=self._read_gen)
                 reads = torch.clamp(reads, min=0.0)  # (reads, T, n, C) -> (reads, C, K)
                 reads = reads.permute(0, 3, 1, 2).reshape(n_reads, self.out_channels, -1)[:, :, :self.fan_in]
                 out.append(reads)
@@ -325,7 +355,7 @@ class AnalogLayer(nn.Module):
         h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         w_out = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         positions = h_out * w_out
-        per_image = max(1, WORK_ELEMENTS // max(1, self.fan_in * positions))
+        per_image = max(1, self.work_elements // max(1, self.fan_in * positions))
         outs = []
         for start in range(0, n, per_image):
             chunk = x[start:start + per_image]
@@ -376,7 +406,7 @@ class AnalogLayer(nn.Module):
             per_vector = self.n_tiles * self.n_rows * self.out_channels * 2
         else:
             per_vector = self.n_tiles * len(self._pass_plan()) * (self._columns * self.out_channels + self.n_rows)
-        chunk = max(1, WORK_ELEMENTS // per_vector)
+        chunk = max(1, self.work_elements // per_vector)
         scale = (self.input_step() * self.weight_step)[None, :]
         outs = [(self._integer_vectors(vecs[s:s + chunk]) * scale).to(torch.float32)
                 for s in range(0, vecs.shape[0], chunk)]
@@ -446,7 +476,7 @@ class AnalogLayer(nn.Module):
         passes = self._passes(q.to(int_dtype))
         n_pass, n_vec, cols, c_out, tiles = len(passes), q.shape[0], self._columns, self.out_channels, self.n_tiles
         # input slice levels laid out for the batched product: (tiles, passes·vectors, rows), zero-padded rows
-        tiled = torch.zeros(tiles, n_pass, n_vec, self.n_rows, dtype=self.dtype)
+        tiled = torch.zeros(tiles, n_pass, n_vec, self.n_rows, dtype=self.dtype, device=vecs.device)
         for p, (_, _, lv) in enumerate(passes):
             if self.n_tiles * self.n_rows != self.fan_in:
                 lv = F.pad(lv, (0, tiles * self.n_rows - self.fan_in))
@@ -463,22 +493,24 @@ class AnalogLayer(nn.Module):
         if self.partial_sum_observer is not None:  # draw read and thermal noise separately, observe in between
             if var is not None:
                 analog = analog + torch.sqrt(var) * torch.randn(analog.shape, dtype=analog.dtype,
-                                                                generator=self._read_gen)
+                                                                device=analog.device, generator=self._read_gen)
             for p, (_, i, _) in enumerate(passes):
                 for col, j in enumerate(self._column_slice):
                     self.partial_sum_observer(self.name, i, j, analog[:, p, :, col, :])
             if thermal > 0:
                 sigma = thermal * step if step is not None else thermal
-                analog = analog + sigma * torch.randn(analog.shape, dtype=analog.dtype, generator=self._read_gen)
+                analog = analog + sigma * torch.randn(analog.shape, dtype=analog.dtype, device=analog.device,
+                                                      generator=self._read_gen)
         elif var is not None or thermal > 0:
             # read noise and thermal noise are independent Gaussians: one draw of their summed variance
             if var is None:
-                std = thermal * step if step is not None else torch.tensor(float(thermal), dtype=analog.dtype)
+                std = thermal * step if step is not None else torch.tensor(float(thermal), dtype=analog.dtype,
+                                                                                        device=analog.device)
             else:
                 if thermal > 0:
                     var.add_((thermal * step) ** 2 if step is not None else thermal ** 2)
                 std = var.sqrt_()
-            noise = torch.randn(analog.shape, dtype=analog.dtype, generator=self._read_gen)
+            noise = torch.randn(analog.shape, dtype=analog.dtype, device=analog.device, generator=self._read_gen)
             analog.addcmul_(std, noise)
             del noise, var
         if step is not None:
@@ -493,7 +525,7 @@ class AnalogLayer(nn.Module):
         per_pass = (digital * self._column_coef.view(1, 1, cols, 1)).sum(dim=2)  # (I, V, C)
         if c.weight_encoding is WeightEncoding.OFFSET:
             per_pass = per_pass - 2.0 ** (c.weight_bits - 1) * row_sums[:, :, None]
-        pass_coef = torch.tensor([coef for coef, _, _ in passes], dtype=torch.float64)
+        pass_coef = torch.tensor([coef for coef, _, _ in passes], dtype=torch.float64, device=per_pass.device)
         acc = torch.tensordot(pass_coef, per_pass, dims=1)  # (V, C)
         if self.signed_input and c.signed_input_encoding is SignedInputEncoding.OFFSET:
             acc = acc - 2.0 ** (c.input_bits - 1) * self.qw.sum(dim=1).to(torch.float64)[None, :]
@@ -504,7 +536,7 @@ class AnalogLayer(nn.Module):
         c = self.config
         q, _ = input_codes(vecs.to(torch.float64), self.ranges.input_range, c.input_bits, self.signed_input)
         q = q.to(self.dtype)
-        acc = torch.zeros(vecs.shape[0], self.out_channels, dtype=torch.float64)
+        acc = torch.zeros(vecs.shape[0], self.out_channels, dtype=torch.float64, device=vecs.device)
         pad = self.n_tiles * self.n_rows - self.fan_in
         offset_weights = c.weight_encoding is WeightEncoding.OFFSET
         for pass_coef, i, levels in self._passes(q):
@@ -532,7 +564,8 @@ class AnalogLayer(nn.Module):
         read-noise draw per device and input vector: ``Σ_k x_k·max(0, h_k + σ_k·z)``."""
         total = None
         for sign, h, sigma in ch.programmed:
-            noise = torch.randn((tiled.shape[1],) + tuple(h.shape), dtype=self.dtype, generator=self._read_gen)
+            noise = torch.randn((tiled.shape[1],) + tuple(h.shape), dtype=self.dtype, device=h.device,
+                                generator=self._read_gen)
             cond = torch.clamp(h.unsqueeze(0) + sigma.unsqueeze(0) * noise, min=0.0)  # (V, T, n, C)
             part = torch.einsum("tvn,vtnc->tvc", tiled, cond)
             total = sign * part if total is None else total + sign * part

@@ -9,6 +9,11 @@ For chip instance ``i`` (seed ``config.seed + i``), over the images of a loader:
 * top-1: arg-max of the analog logits against the labels; per image, the number of instances that got it
   right and whether the float network did (for paired, per-image statistics of the accuracy drop).
 
+On a CUDA ``device`` the whole run stays on the GPU: the float reference and every analog layer (TF32 is
+switched off for the run, so float32 products are exact IEEE products as on the CPU). Chips are the same as on
+the CPU (weight codes and programming errors are drawn there); read and thermal noise come from the device's own
+generator, so per-read draws differ from a CPU run while their distribution is the same.
+
 ``SNR(dB) = 10·log10(Σ ideal² / Σ (noisy − ideal)²)`` with both sums over all outputs, images and —
 for the reported ``*_snr_db`` — all instances (the ratio of the summed energies, i.e. of the
 instance-averaged expected squared error); per-instance values are kept too. ``top1_std`` is the
@@ -16,6 +21,7 @@ sample standard deviation (ddof=1) over instances, 0 for a single instance.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +43,7 @@ from cimstat.network import analog_layer_names, fold_batchnorm
 
 from cimstat.metrics import snr_db  # re-exported: the shared SNR definition
 
-__all__ = ["MCResult", "measure", "snr_db"]
+__all__ = ["MCResult", "measure", "resolve_device", "snr_db"]
 
 
 @dataclass
@@ -178,19 +184,57 @@ def _batches(loader: Iterable, n_images: int | None) -> Iterable[tuple[torch.Ten
         yield x, y
 
 
-@torch.no_grad()
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a :class:`torch.device` (None: the CPU); a CUDA device must be available."""
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={device!r} is not a torch device name (expected 'cpu', 'cuda' or 'cuda:N')") \
+            from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: the simulator runs on 'cpu' or 'cuda', not {dev.type!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    return dev
+
+
+@contextlib.contextmanager
+def _exact_float32(device: torch.device):
+    """No TF32 in matrix products and convolutions while the block runs (CUDA only; restored after)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, ResolvedLayer] | None,
             loader: Iterable, instances: int = 1, *, n_images: int | None = None, isolated: bool = True,
             end_to_end: bool = True, exact_read_noise: bool = False, progress: bool = True,
-            model_name: str = "") -> MCResult:
+            model_name: str = "", device: str | torch.device | None = None) -> MCResult:
     """Run ``instances`` chip instances of ``model`` under ``config`` over ``loader`` (``(images, labels)``
-    batches, at most ``n_images`` images) and return an :class:`MCResult`."""
+    batches, at most ``n_images`` images) on ``device`` (default the CPU; ``"cuda"`` for a GPU) and return an
+    :class:`MCResult`."""
+    dev = resolve_device(device)
+    with torch.no_grad(), _exact_float32(dev):
+        return _measure(model, config, resolved, loader, instances, n_images=n_images, isolated=isolated,
+                        end_to_end=end_to_end, exact_read_noise=exact_read_noise, progress=progress,
+                        model_name=model_name, device=dev)
+
+
+def _measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, ResolvedLayer] | None,
+             loader: Iterable, instances: int, *, n_images: int | None, isolated: bool, end_to_end: bool,
+             exact_read_noise: bool, progress: bool, model_name: str, device: torch.device) -> MCResult:
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise ConfigError(f"instances={instances!r} must be a positive integer")
     if n_images is not None and (isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1):
         raise ConfigError(f"n_images={n_images!r} must be a positive integer or None")
     start = time.perf_counter()
-    folded = fold_batchnorm(model)
+    folded = fold_batchnorm(model).to(device)
     names = analog_layer_names(folded)
     order: list[str] = []
     float_in: dict[str, torch.Tensor] = {}
@@ -223,7 +267,7 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
     bar = tqdm(total=None if n_batches is None else instances * n_batches, desc="Monte Carlo batches",
                disable=not progress, leave=False)
     for inst in range(instances):
-        analog = convert(model, config, resolved, inst, exact_read_noise=exact_read_noise)
+        analog = convert(model, config, resolved, inst, exact_read_noise=exact_read_noise, device=device)
         layers = analog_modules(analog)
         capture = {"on": False}
 
@@ -236,7 +280,8 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
         for name, layer in layers.items():
             layer.register_forward_hook(analog_hook(name))
         for batch, (x, y) in enumerate(_batches(loader, n_images)):
-            x = x.to(torch.float32)
+            x = x.to(device, torch.float32)
+            y = None if y is None else y.to(device)
             ideal_logits = folded(x)
             if inst == 0:
                 total += x.shape[0]
@@ -286,8 +331,8 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
         if end_to_end else {},
         logits_snr_db_per_instance=[snr_db(e.signal, e.error) for e in logits] if end_to_end else [],
         seconds=time.perf_counter() - start, config=config.to_dict(),
-        correct_instances_per_image=torch.cat(per_image_correct).tolist()
+        correct_instances_per_image=torch.cat(per_image_correct).cpu().tolist()
         if (end_to_end and labelled and per_image_correct) else [],
-        float_correct_per_image=torch.cat(per_image_float).tolist() if (labelled and per_image_float) else [],
+        float_correct_per_image=torch.cat(per_image_float).cpu().tolist() if (labelled and per_image_float) else [],
     )
     return result

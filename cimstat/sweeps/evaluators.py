@@ -18,7 +18,7 @@ float network's top-1 on the images ``mc_top1`` refers to), ``mc_top1_images`` (
 ``mc_top1_se_kind`` (``paired``, ``unpaired`` or ``sample``, see :func:`top1_over_split`), the errors
 ``err_conv1_db``, ``err_fc_db`` (estimate − MC, dB) and ``err_top1_pp`` (estimate − MC,
 percentage points), ``mc_seconds`` (of the Monte Carlo run that produced the row),
-``mc_cached`` (True when that run was an earlier one, reused from the cache), and per analog layer the isolated SNRs
+``mc_cached`` (True when that run was an earlier one, reused from the cache), ``mc_device`` (where it ran), and per analog layer the isolated SNRs
 ``snr_db[<layer>]`` (estimate) and ``mc_snr_db[<layer>]`` (MC).
 """
 from __future__ import annotations
@@ -264,6 +264,11 @@ class ValidationEvaluator:
     refresh_cache: bool = False
     """Rerun the Monte Carlo even where a cached result exists, and replace it in the cache."""
 
+    device: str = "cpu"
+    """Where the Monte Carlo runs (``"cuda"`` for a GPU). Not part of the cache key: the chips are the same on
+    every device and only the per-read noise stream differs (:mod:`cimstat.montecarlo.measure`); the entry records
+    it as ``mc_device``."""
+
     top1_images: int | None = None
     """The MC top-1 is reported over the first ``top1_images`` images of the validation split, the float
     network (run on all of them) as control variate for the ``n_images`` the MC runs on
@@ -330,6 +335,7 @@ class ValidationEvaluator:
         mc = self.monte_carlo(combo, resolved)
         mc_seconds = mc.pop("mc_seconds")
         mc_cached = mc.pop("mc_cached")
+        mc_device = mc.pop("mc_device", "cpu")
         out: dict[str, Any] = {}
         for key in ("conv1_snr_db", "fc_snr_db", "top1"):
             out[key] = _float(row.get(key))
@@ -344,6 +350,7 @@ class ValidationEvaluator:
         out["est_seconds"] = row.get("est_seconds", math.nan)
         out["mc_seconds"] = mc_seconds
         out["mc_cached"] = mc_cached
+        out["mc_device"] = mc_device
         for key, value in row.items():  # per-source breakdown and per-layer estimates
             if key not in out:
                 out[key] = value
@@ -402,9 +409,10 @@ class ValidationEvaluator:
             return {**cached, "mc_cached": True}
         t0 = time.perf_counter()
         result = measure(self._model, combo.config, resolved, self._loader, instances=self.instances_for(combo),
-                         progress=False)
+                         progress=False, device=self.device)
         mc = mc_columns(result, self.n_images)
         mc["mc_seconds"] = time.perf_counter() - t0
+        mc["mc_device"] = self.device
         path = self._cache_path(combo)
         if path is not None:
             from cimstat.sweeps.rundir import atomic_write_bytes
@@ -458,10 +466,16 @@ def ranges_match(a: Mapping[str, Any], b: Mapping[str, Any], rtol: float = RANGE
     return all(close(a[k], b[k]) for k in a)
 
 
-COMPATIBLE_SIMULATORS = ("953fed0ff6497940bfb4363670b0b84cc69049dbc1e4892e5c03cbb7d4973128",)
+COMPATIBLE_SIMULATORS = ("b985d27a1b1ca32bf2aafa108e6995c523dd5b9fa2896aaa028b7c0e3b46aeae",
+                         "3aaeece957a24c3334b246e6e768993efc06756e3510c7dfede5b63966220525",
+                         "953fed0ff6497940bfb4363670b0b84cc69049dbc1e4892e5c03cbb7d4973128")
 """Source hashes (:func:`_simulator_source_hash`) of earlier simulators whose cached measurements the current one
 reproduces, so their entries stay valid: only add one after rerunning cached configurations and comparing.
-``953fed0f…``: the simulator before ``measure`` also returned per-image correctness (outputs added, nothing
+``b985d27a…``: the simulator that measured the committed validation entries on a GPU; the current one adds only
+the layers' docstring section on devices. ``3aaeece9…``: the simulator before it ran on CUDA devices; on the CPU the
+two gave identical results to the last bit (4 configurations — bit-serial with programming error, read noise and
+thermal noise; read noise; offset encodings with proportional programming error; 4-bit weights — 32 validation
+images, 2 chips, every per-instance and per-image number compared). ``953fed0f…``: the simulator before ``measure`` also returned per-image correctness (outputs added, nothing
 else). Run side by side on the same probes and thread count (32 images, 2 chips of a bit-serial ADC, a read-noise
 and a programming-error configuration), the two gave identical results to the last bit."""
 

@@ -108,6 +108,9 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
         v = _num(frame, col)
         v = v[np.isfinite(v)]
         out[col] = (float(np.median(v)), float(v.max())) if v.size else (math.nan, math.nan)
+    devices = frame["mc_device"].dropna().astype(str) if "mc_device" in frame.columns else None
+    out["mc_devices"] = ", ".join(f"{n} on {d}" for d, n in devices.value_counts().items()) if devices is not None \
+        and len(devices) else ""
     out["n_configs"] = len(frame)
     out["n_errors"] = int(frame["error"].notna().sum()) if "error" in frame.columns else 0
     return out
@@ -198,7 +201,7 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              "samples' clean accuracies cancel: it isolates the engine's error from the image sampling.",
              f"Time per configuration (median / max): estimate {_f(1000 * s['est_seconds'][0], 1)} / "
              f"{_f(1000 * s['est_seconds'][1], 1)} ms, Monte Carlo {_f(s['mc_seconds'][0], 1)} / "
-             f"{_f(s['mc_seconds'][1], 1)} s.", ""]
+             f"{_f(s['mc_seconds'][1], 1)} s" + (f" ({s['mc_devices']})" if s.get("mc_devices") else "") + ".", ""]
     if s["layers"]:
         lines += ["## Isolated SNR error per layer (abs, dB, over configurations)", "",
                   "| layer | median | max |", "|---|---|---|"]
