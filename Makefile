@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: validation-report-precise setup demo test bench clean validation-report
+.PHONY: validation-report-precise setup demo test bench clean validation-report validation-mc-jobs
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -28,18 +28,27 @@ bench: $(STAMP)
 	$(PY) benchmarks/probe_speed.py
 	$(PY) benchmarks/estimate_speed.py
 
-# docs/validation.md: estimate vs Monte Carlo on sweeps/validation.py (MC results cached in results/.mc-cache)
-VALIDATION_MC ?= --n-images 256 --instances 2 --programmed-instances 8 --batch-size 64
-# every point of the sweep (MC per configuration, uncached, 2 threads: 7 s to 52 min; design-bitserial-2b was seen
-# at 5.5 GB RSS and was OOM-killed at 9.3 GB beside the tests);
+# docs/validation.md: estimate vs Monte Carlo on sweeps/validation.py (MC results cached in results/.mc-cache;
+# the committed entries make the report a few minutes of estimates)
+VALIDATION_MC ?= --n-images 1000 --instances 2 --programmed-instances 16 --batch-size 500
+# Uncached, the Monte Carlo of every point is hours of CPU (design-bitserial-2b alone: about 7 h on 2 threads).
+# VALIDATION_DEVICE=cuda runs it on a local GPU; on another machine: `make validation-mc-jobs`, then there
+# `python -m sweeps.mc_jobs results/validation-jobs.pt --device cuda --runners 4 --out results.jsonl` (the committed entries:
+# 4 runners side by side on one H200, 4.6 min for all 39), then here `make validation-report VALIDATION_IMPORT=results.jsonl`.
 # VALIDATION_SUBSET="label in ['int8', 'w4']" selects a part
 VALIDATION_SUBSET ?=
+VALIDATION_DEVICE ?= cpu
+VALIDATION_IMPORT ?=
+VALIDATION_ARGS = $(VALIDATION_MC) $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") $(if $(filter-out cpu,$(VALIDATION_DEVICE)),--device $(VALIDATION_DEVICE)) $(if $(VALIDATION_IMPORT),--import-mc-results $(VALIDATION_IMPORT))
 validation-report: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") --report docs/validation.md
+	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_ARGS) --report docs/validation.md
+
+validation-mc-jobs: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") --export-mc-jobs results/validation-jobs.pt
 
 # the same with the engine's precise ADC route (--adc-per-image; 5-14 s per estimate): docs/validation-precise.md
 validation-report-precise: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_MC) --adc-per-image $(if $(VALIDATION_SUBSET),--subset "$(VALIDATION_SUBSET)") --report docs/validation-precise.md
+	OMP_NUM_THREADS=2 $(PY) -m sweeps.validate sweeps/validation.py $(VALIDATION_ARGS) --adc-per-image --report docs/validation-precise.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
