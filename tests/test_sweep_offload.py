@@ -72,6 +72,16 @@ def test_offloaded_monte_carlo_is_the_local_one_bit_for_bit(tmp_path, sweep, pro
     by_key = {line["key"]: line["mc"] for line in map(json.loads, side.read_text().splitlines())}
     assert by_key == {line["key"]: {**line["mc"], "mc_seconds": by_key[line["key"]]["mc_seconds"]} for line in lines}
     assert sorted(p.name for p in side.parent.iterdir()) == ["results.jsonl"]
+    # a rerun with runners resumes too: nothing measured twice
+    assert mc_jobs_main([str(bundle), "--out", str(side), "--runners", "2", "--threads", threads, "--quiet"]) == 0
+    assert len(side.read_text().splitlines()) == 2
+    # a line a killed runner left unfinished does not swallow the result the rerun appends after it
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(results.read_text().splitlines()[0] + '\n{"key": "cut short')
+    assert run_mc_jobs(bundle, cut, progress=False, log=lambda _: None) == 1
+    messages: list[str] = []
+    assert import_mc_results([cut], tmp_path / "cut-cache", log=messages.append) == 2
+    assert len(messages) == 1 and "cut.jsonl:2: not a complete result line" in messages[0]
 
     assert validate_main(_args(sweep, probe_dir, tmp_path / "far", "--import-mc-results", str(results))) == 0
     far = _rows(tmp_path / "far")
@@ -105,8 +115,19 @@ def test_offload_refuses_what_would_not_match(tmp_path, sweep, probe_dir):
             run_mc_jobs(bundle, tmp_path / "r.jsonl", device="cuda", progress=False)
 
     results = tmp_path / "results.jsonl"
-    line = {"key": "a" * 64, "label": "x", "simulator": "f" * 64, "ranges": {}, "mc": {}}
+    line = {"key": "a" * 64, "label": "x", "simulator": "f" * 64, "ranges": {}, "mc": {"mc_fc_snr_db": 20.0}}
     results.write_text("{cut short by a kill\n" + json.dumps(line) + "\n")
     with pytest.raises(SweepError, match=r"results.jsonl:2: measured by simulator sources ffffffffffff"):
         import_mc_results([results], tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # nothing written when a line is refused
+    results.write_text(json.dumps({**line, "mc": [1, 2]}) + "\n")
+    with pytest.raises(SweepError, match=r"results.jsonl:1: not a result of python -m sweeps.mc_jobs"):
+        import_mc_results([results], tmp_path / "cache")
+    results.write_text("\n")
+    with pytest.raises(SweepError, match="no result lines in it"):
+        import_mc_results([results], tmp_path / "cache")
+    del stale["labels"]
+    stale["simulator"] = load_bundle(bundle)["simulator"]
+    torch.save(stale, tmp_path / "damaged.pt")
+    with pytest.raises(SweepError, match=r"damaged.pt: fields \['labels'\] are missing"):
+        load_bundle(tmp_path / "damaged.pt")

@@ -42,7 +42,8 @@ Devices
     ``device="cuda"`` runs the layer on a GPU. Weight codes, programming errors and the device matrices are
     built on the CPU (its generator draws the programming errors) and then moved, so a chip is the same chip on
     every device; the read/thermal stream is a generator of the device itself (same seed, other draws). Chunks
-    are larger there (``CUDA_WORK_ELEMENTS``).
+    are larger there (``CUDA_WORK_ELEMENTS``), and ``forward`` switches TF32 off while it runs (:func:`exact_float32`).
+    The layer's tensors are plain attributes: ``.to()`` on a converted model does not move them (convert again).
 
 Read noise: exact and fast modes
     ``exact_read_noise=True`` draws one ``e_r`` per device, input vector and pass and clips the
@@ -72,6 +73,7 @@ Partial-sum observer
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -96,7 +98,7 @@ from cimstat.montecarlo.quantize import (
     weight_codes,
 )
 
-__all__ = ["AnalogLayer", "PartialSumObserver", "stream_seed", "EXACT_SUM_LIMIT"]
+__all__ = ["AnalogLayer", "PartialSumObserver", "stream_seed", "exact_float32", "EXACT_SUM_LIMIT"]
 
 PartialSumObserver = Callable[[str, int, int, torch.Tensor], None]
 
@@ -108,6 +110,21 @@ WORK_ELEMENTS = 2 ** 23
 
 CUDA_WORK_ELEMENTS = 2 ** 26
 """The same on a CUDA device (256-512 MB): larger chunks keep a GPU busy between kernel launches."""
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device):
+    """No TF32 in matrix products and convolutions while the block runs (CUDA only; the caller's settings are
+    restored after): integer codes then sum exactly in float32, as on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def stream_seed(chip_seed: int, layer_name: str, stream: int) -> int:
@@ -342,6 +359,12 @@ class AnalogLayer(nn.Module):
                 and c.programming_error == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            with exact_float32(self.device):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._integer:
             return self._float_forward(x)
         if self.lossless and self.partial_sum_observer is None:

@@ -10,7 +10,8 @@ For chip instance ``i`` (seed ``config.seed + i``), over the images of a loader:
   right and whether the float network did (for paired, per-image statistics of the accuracy drop).
 
 On a CUDA ``device`` the whole run stays on the GPU: the float reference and every analog layer (TF32 is
-switched off for the run, so float32 products are exact IEEE products as on the CPU). Chips are the same as on
+switched off for the run: integer partial sums are exact in float32 as on the CPU; non-integer sums and the float
+reference differ from a CPU run in the last bits, by summation order). Chips are the same as on
 the CPU (weight codes and programming errors are drawn there); read and thermal noise come from the device's own
 generator, so per-read draws differ from a CPU run while their distribution is the same.
 
@@ -21,7 +22,6 @@ sample standard deviation (ddof=1) over instances, 0 for a single instance.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 from cimstat.errors import ConfigError
 from cimstat.hardware import HardwareConfig, ResolvedLayer
 from cimstat.montecarlo.convert import analog_modules, convert
+from cimstat.montecarlo.layers import exact_float32
 from cimstat.network import analog_layer_names, fold_batchnorm
 
 from cimstat.metrics import snr_db  # re-exported: the shared SNR definition
 
-__all__ = ["MCResult", "measure", "resolve_device", "snr_db"]
+__all__ = ["MCResult", "measure", "resolve_device", "device_name", "snr_db"]
 
 
 @dataclass
@@ -198,18 +199,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-@contextlib.contextmanager
-def _exact_float32(device: torch.device):
-    """No TF32 in matrix products and convolutions while the block runs (CUDA only; restored after)."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def device_name(device: str | torch.device | None) -> str:
+    """What a result records as where it ran: ``"cpu"`` or the GPU's name (``"NVIDIA H200"``)."""
+    dev = resolve_device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, ResolvedLayer] | None,
@@ -220,7 +213,7 @@ def measure(model: nn.Module, config: HardwareConfig, resolved: Mapping[str, Res
     batches, at most ``n_images`` images) on ``device`` (default the CPU; ``"cuda"`` for a GPU) and return an
     :class:`MCResult`."""
     dev = resolve_device(device)
-    with torch.no_grad(), _exact_float32(dev):
+    with torch.no_grad(), exact_float32(dev):
         return _measure(model, config, resolved, loader, instances, n_images=n_images, isolated=isolated,
                         end_to_end=end_to_end, exact_read_noise=exact_read_noise, progress=progress,
                         model_name=model_name, device=dev)

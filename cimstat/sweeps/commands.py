@@ -237,7 +237,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     if args.import_mc_results:
         from cimstat.sweeps.offload import import_mc_results
 
-        n = import_mc_results(args.import_mc_results, cache_dir)
+        n = import_mc_results(args.import_mc_results, cache_dir, log=lambda text: print(text, file=sys.stderr))
         print(f"imported {n} Monte Carlo result(s) into {cache_dir}", file=sys.stderr)
     if args.report_only and (args.report is None or not args.resume):
         raise SweepError("--report-only needs --report PATH and --resume [RUN_DIR] (the run to report on)")

@@ -403,6 +403,7 @@ class ValidationEvaluator:
         engine change reruns only the estimate; any change to the config, images, instances,
         weights or simulator code, or a range change beyond :data:`RANGE_MATCH_RTOL`, reruns it."""
         from cimstat.montecarlo import measure
+        from cimstat.montecarlo.measure import device_name
 
         cached = None if self.refresh_cache else self.cached_monte_carlo(combo, resolved)
         if cached is not None:
@@ -412,7 +413,7 @@ class ValidationEvaluator:
                          progress=False, device=self.device)
         mc = mc_columns(result, self.n_images)
         mc["mc_seconds"] = time.perf_counter() - t0
-        mc["mc_device"] = self.device
+        mc["mc_device"] = device_name(self.device)
         path = self._cache_path(combo)
         if path is not None:
             from cimstat.sweeps.rundir import atomic_write_bytes
@@ -471,9 +472,10 @@ COMPATIBLE_SIMULATORS = ("b985d27a1b1ca32bf2aafa108e6995c523dd5b9fa2896aaa028b7c
                          "953fed0ff6497940bfb4363670b0b84cc69049dbc1e4892e5c03cbb7d4973128")
 """Source hashes (:func:`_simulator_source_hash`) of earlier simulators whose cached measurements the current one
 reproduces, so their entries stay valid: only add one after rerunning cached configurations and comparing.
-``b985d27a…``: the simulator that measured the committed validation entries on a GPU; the current one adds only
-the layers' docstring section on devices. ``3aaeece9…``: the simulator before it ran on CUDA devices; on the CPU the
-two gave identical results to the last bit (4 configurations — bit-serial with programming error, read noise and
+``b985d27a…``: the simulator that measured the committed validation entries on a GPU through ``measure``; the
+current one adds the layers' docstring section on devices, ``device_name``, and switches TF32 off inside
+``AnalogLayer.forward`` on CUDA too (``measure`` had it off for the whole run already). ``3aaeece9…``: the simulator
+before it ran on CUDA devices; on the CPU it and the current one gave identical results to the last bit (4 configurations — bit-serial with programming error, read noise and
 thermal noise; read noise; offset encodings with proportional programming error; 4-bit weights — 32 validation
 images, 2 chips, every per-instance and per-image number compared). ``953fed0f…``: the simulator before ``measure`` also returned per-image correctness (outputs added, nothing
 else). Run side by side on the same probes and thread count (32 images, 2 chips of a bit-serial ADC, a read-noise

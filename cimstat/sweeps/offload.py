@@ -42,6 +42,9 @@ __all__ = ["BUNDLE_FORMAT", "export_mc_jobs", "run_mc_jobs", "run_mc_jobs_side_b
 
 BUNDLE_FORMAT = 1
 """Version of the job-bundle layout."""
+BUNDLE_KEYS = ("simulator", "model", "weights", "fingerprint", "images", "repeat_channels", "labels", "n_images",
+               "batch_size", "jobs")
+"""What a bundle holds besides its ``format``."""
 
 
 def layer_macs(model: torch.nn.Module, image: torch.Tensor) -> dict[str, int]:
@@ -143,6 +146,9 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
         found = bundle.get("format") if isinstance(bundle, dict) else type(bundle).__name__
         raise SweepError(f"job bundle {path}: format {found!r}, expected {BUNDLE_FORMAT} (made by "
                          "python -m sweeps.validate --export-mc-jobs)")
+    missing = [k for k in BUNDLE_KEYS if k not in bundle]
+    if missing:
+        raise SweepError(f"job bundle {path}: fields {missing} are missing (a damaged bundle: export it again)")
     return bundle
 
 
@@ -158,6 +164,15 @@ def _done_keys(paths: Iterable[Path]) -> set[str]:
     return done
 
 
+def _end_with_newline(path: Path) -> None:
+    """Terminate a line a killed writer left unfinished, so the next line is not glued to it."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+
 def _claim(claims: Path | None, key: str) -> bool:
     """Take job ``key`` for this runner (True), or learn that another runner sharing ``claims`` has (False)."""
     if claims is None:
@@ -171,17 +186,18 @@ def _claim(claims: Path | None, key: str) -> bool:
 
 def run_mc_jobs(bundle_path: str | Path, out: str | Path, *, device: str = "cpu", weights: str | Path | None = None,
                 claims: str | Path | None = None, largest_first: bool = False, time_budget_s: float | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> int:
+                progress: bool = True, log: Callable[[str], None] = print, skip_done_in: Sequence[Path] = ()) -> int:
     """Measure the jobs of a bundle on ``device``, appending one JSON line per finished job to ``out``
     (``{"key", "label", "simulator", "ranges", "mc"}``, ``mc`` the cache columns of
     :func:`~cimstat.sweeps.evaluators.mc_columns` plus ``mc_seconds`` and ``mc_device``). Jobs already in ``out``
-    are skipped. Runners side by side (on one GPU or several) share a ``claims`` folder: each job is taken by the
+    are skipped, and so are those in the ``skip_done_in`` files. Runners side by side (on one GPU or several) share a ``claims`` folder: each job is taken by the
     first runner to create its claim file there (give each runner its own ``out``). Jobs run cheapest first, or
     most costly first with ``largest_first`` (the shortest makespan for runners side by side); no job is started
-    once ``time_budget_s`` seconds have passed. Returns the number of jobs measured."""
+    once ``time_budget_s`` seconds have passed; a failed job's claim is released. Returns the number of jobs
+    measured."""
     from cimstat.models import load, weights_fingerprint
     from cimstat.montecarlo import measure
-    from cimstat.montecarlo.measure import resolve_device
+    from cimstat.montecarlo.measure import device_name, resolve_device
     from cimstat.sweeps.evaluators import _simulator_source_hash, mc_columns
 
     start = time.perf_counter()
@@ -202,21 +218,24 @@ def run_mc_jobs(bundle_path: str | Path, out: str | Path, *, device: str = "cpu"
     loader = torch.utils.data.DataLoader(data, batch_size=bundle["batch_size"], shuffle=False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_keys([out])
+    done = _done_keys([out, *map(Path, skip_done_in)])
     todo = [job for job in bundle["jobs"] if job["key"] not in done]
     if largest_first:
         todo.reverse()
     if claims is not None:
         claims = Path(claims)
         claims.mkdir(parents=True, exist_ok=True)
-    measured = 0
+    measured, taken = 0, 0
     failed: list[str] = []
+    where = device_name(dev)
+    _end_with_newline(out)
     with out.open("a") as fh:
         for job in todo:
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                 log(f"time budget of {time_budget_s:.0f} s spent: jobs not started are left for a rerun")
                 break
             if not _claim(claims, job["key"]):
+                taken += 1
                 continue
             t0 = time.perf_counter()
             try:
@@ -224,11 +243,13 @@ def run_mc_jobs(bundle_path: str | Path, out: str | Path, *, device: str = "cpu"
                                  progress=progress, device=dev)
             except Exception as err:  # one job's failure must not cost the others: say which and go on
                 failed.append(job["label"])
+                if claims is not None:
+                    (claims / job["key"]).unlink(missing_ok=True)  # free for a rerun
                 log(f"{job['label']}: FAILED ({type(err).__name__}: {err})\n{traceback.format_exc()}")
                 continue
             mc = mc_columns(result, bundle["n_images"])
             mc["mc_seconds"] = time.perf_counter() - t0
-            mc["mc_device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+            mc["mc_device"] = where
             line = {"key": job["key"], "label": job["label"], "simulator": here, "ranges": job["ranges"], "mc": mc}
             fh.write(json.dumps(line, allow_nan=True) + "\n")
             fh.flush()
@@ -236,6 +257,8 @@ def run_mc_jobs(bundle_path: str | Path, out: str | Path, *, device: str = "cpu"
             measured += 1
             log(f"{job['label']}: {mc['mc_seconds']:.1f} s, fc {mc['mc_fc_snr_db']:.2f} dB, "
                 f"top-1 {100 * mc['mc_top1']:.2f} %")
+    if taken:
+        log(f"{taken} job(s) were claimed by other runners")
     if failed:
         raise SweepError(f"{len(failed)} job(s) failed: {', '.join(failed)} (tracebacks above); the {measured} "
                          f"measured are in {out}")
@@ -244,6 +267,7 @@ def run_mc_jobs(bundle_path: str | Path, out: str | Path, *, device: str = "cpu"
 
 def _merge_parts(parts: Sequence[Path], out: Path) -> None:
     """Append the complete lines of runner part files to ``out`` and delete the parts."""
+    _end_with_newline(out)
     with out.open("a") as fh:
         for part in parts:
             if not part.is_file():
@@ -273,7 +297,7 @@ def run_mc_jobs_side_by_side(bundle_path: str | Path, out: str | Path, runners: 
     most costly jobs first, sharing a claims folder next to ``out``. Each writes a part file next to ``out``; when
     all are done the parts are appended to ``out`` (parts left by a killed run are merged first by the next call,
     which then resumes). ``threads``: torch CPU threads of each runner (None: torch's default; the float
-    reference's last bits depend on it). Returns the number of jobs measured; a failing runner is named in a
+    reference's last bits depend on it; None: the CPU's cores shared out). Returns the number of jobs measured; a failing runner is named in a
     :class:`SweepError` after the others finished."""
     import multiprocessing
     import shutil
@@ -288,8 +312,10 @@ def run_mc_jobs_side_by_side(bundle_path: str | Path, out: str | Path, runners: 
     claims = out.with_name(f"{out.name}.claims")
     shutil.rmtree(claims, ignore_errors=True)
     before = len(_done_keys([out]))
+    if threads is None:  # share the CPU's cores instead of each runner taking them all
+        threads = max(1, (os.cpu_count() or 1) // runners)
     options = {"device": device, "weights": weights, "claims": claims, "largest_first": True,
-               "time_budget_s": time_budget_s, "progress": False}
+               "time_budget_s": time_budget_s, "progress": False, "skip_done_in": [out]}
     context = multiprocessing.get_context("spawn")  # one CUDA context per runner
     procs = [context.Process(target=_side_runner, args=(Path(bundle_path), parts[i], options, i, threads))
              for i in range(runners)]
@@ -306,10 +332,12 @@ def run_mc_jobs_side_by_side(bundle_path: str | Path, out: str | Path, runners: 
     return len(_done_keys([out])) - before
 
 
-def import_mc_results(paths: Sequence[str | Path], cache_dir: str | Path) -> int:
+def import_mc_results(paths: Sequence[str | Path], cache_dir: str | Path,
+                      log: Callable[[str], None] | None = None) -> int:
     """Write every line of the ``results.jsonl`` files of :func:`run_mc_jobs` into the MC cache ``cache_dir``
-    (the entry a local run would have written). Lines measured by other simulator sources are refused with
-    an error naming the file; lines cut short (a killed runner) are skipped. Returns the entries written."""
+    (the entry a local run would have written). Lines measured by other simulator sources, and files without
+    a single result, are refused with an error naming the file; lines cut short (a killed runner) are skipped
+    and counted in ``log``. Returns the entries written."""
     from cimstat.sweeps.evaluators import _simulator_source_hash
     from cimstat.sweeps.rundir import atomic_write_bytes
 
@@ -318,18 +346,29 @@ def import_mc_results(paths: Sequence[str | Path], cache_dir: str | Path) -> int
     for path in map(Path, paths):
         if not path.is_file():
             raise SweepError(f"--import-mc-results {path}: no such file")
+        found = 0
         for number, text in enumerate(path.read_text().splitlines(), start=1):
             try:
                 line = json.loads(text)
                 key, ranges, mc, simulator = line["key"], line["ranges"], line["mc"], line["simulator"]
             except (json.JSONDecodeError, KeyError, TypeError):
+                if log and text.strip():
+                    log(f"{path}:{number}: not a complete result line (a killed runner?): skipped")
                 continue
+            if not (isinstance(mc, dict) and "mc_fc_snr_db" in mc and isinstance(ranges, dict)
+                    and isinstance(simulator, str)):
+                raise SweepError(f"{path}:{number}: not a result of python -m sweeps.mc_jobs (its mc, ranges or "
+                                 "simulator field is malformed)")
             if simulator != here:
                 raise SweepError(f"{path}:{number}: measured by simulator sources {simulator[:12]}…, these are "
                                  f"{here[:12]}…; its key would not match this checkout's cache")
             if not (isinstance(key, str) and len(key) == 64 and all(ch in "0123456789abcdef" for ch in key)):
                 raise SweepError(f"{path}:{number}: key {key!r} is not a sha256 hex digest")
             entries.append((key, ranges, mc))
+            found += 1
+        if not found:
+            raise SweepError(f"--import-mc-results {path}: no result lines in it (expected the --out file of "
+                             "python -m sweeps.mc_jobs)")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     for key, ranges, mc in entries:
