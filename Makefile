@@ -31,10 +31,11 @@ bench: $(STAMP)
 # docs/validation.md: estimate vs Monte Carlo on sweeps/validation.py (MC results cached in results/.mc-cache;
 # the committed entries make the report a few minutes of estimates)
 VALIDATION_MC ?= --n-images 1000 --instances 2 --programmed-instances 16 --batch-size 500
-# Uncached, the Monte Carlo of every point is hours of CPU (design-bitserial-2b alone: about 7 h on 2 threads).
+# Uncached, the Monte Carlo of every point is hours of CPU (design-bitserial-2b took 52 min at 256 images and
+# 8 chips on 2 threads; this set is 1,000 images and 16 chips).
 # VALIDATION_DEVICE=cuda runs it on a local GPU; on another machine: `make validation-mc-jobs`, then there
 # `python -m sweeps.mc_jobs results/validation-jobs.pt --device cuda --runners 4 --out results.jsonl` (the committed entries:
-# 4 runners side by side on one H200, 4.6 min for all 39), then here `make validation-report VALIDATION_IMPORT=results.jsonl`.
+# 4 runners side by side on one H200, 258 s for all 39), then here `make validation-report VALIDATION_IMPORT=results.jsonl`.
 # VALIDATION_SUBSET="label in ['int8', 'w4']" selects a part
 VALIDATION_SUBSET ?=
 VALIDATION_DEVICE ?= cpu

@@ -19,6 +19,7 @@ On a CUDA device both the float reference and the analog copy run there (TF32 of
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import time
 
@@ -59,13 +60,12 @@ def _timed(fn, images: torch.Tensor, batch: int) -> tuple[float, float]:
 
 def _bench(label: str, model: nn.Module, images: torch.Tensor, batch: int) -> None:
     n, device = images.shape[0], images.device
-    resolve_images = images.cpu()
     model = model.eval()
-    ref_wall, ref_cpu = _timed(model.to(device), images, batch)
+    ref_wall, ref_cpu = _timed(copy.deepcopy(model).to(device), images, batch)
     print(f"{label}: {n} images of {tuple(images.shape[1:])}, batch {batch}, "
           f"float inference {n / ref_wall:.1f} img/s (CPU {ref_cpu / n * 1e3:.1f} ms/img)")
     for name, config in CONFIGS.items():
-        resolved = resolve_from_data(model.cpu(), config, resolve_images)
+        resolved = resolve_from_data(model, config, images.cpu())
         analog = convert(model, config, resolved, device=device)
         wall, cpu = _timed(analog, images, batch)
         print(f"  {name:<12} {n / wall:9.2f} img/s  CPU {cpu / n:8.3f} s/img   "

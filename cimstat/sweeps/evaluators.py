@@ -18,8 +18,8 @@ float network's top-1 on the images ``mc_top1`` refers to), ``mc_top1_images`` (
 ``mc_top1_se_kind`` (``paired``, ``unpaired`` or ``sample``, see :func:`top1_over_split`), the errors
 ``err_conv1_db``, ``err_fc_db`` (estimate − MC, dB) and ``err_top1_pp`` (estimate − MC,
 percentage points), ``mc_seconds`` (of the Monte Carlo run that produced the row),
-``mc_cached`` (True when that run was an earlier one, reused from the cache), ``mc_device`` (where it ran), and per analog layer the isolated SNRs
-``snr_db[<layer>]`` (estimate) and ``mc_snr_db[<layer>]`` (MC).
+``mc_cached`` (True when that run was an earlier one, reused from the cache), ``mc_device`` (where it ran), and
+per analog layer the isolated SNRs ``snr_db[<layer>]`` (estimate) and ``mc_snr_db[<layer>]`` (MC).
 """
 from __future__ import annotations
 
@@ -475,9 +475,10 @@ reproduces, so their entries stay valid: only add one after rerunning cached con
 ``b985d27a…``: the simulator that measured the committed validation entries on a GPU through ``measure``; the
 current one adds the layers' docstring section on devices, ``device_name``, and switches TF32 off inside
 ``AnalogLayer.forward`` on CUDA too (``measure`` had it off for the whole run already). ``3aaeece9…``: the simulator
-before it ran on CUDA devices; on the CPU it and the current one gave identical results to the last bit (4 configurations — bit-serial with programming error, read noise and
-thermal noise; read noise; offset encodings with proportional programming error; 4-bit weights — 32 validation
-images, 2 chips, every per-instance and per-image number compared). ``953fed0f…``: the simulator before ``measure`` also returned per-image correctness (outputs added, nothing
+before it ran on CUDA devices; on the CPU it and the current one gave identical results to the last bit
+(4 configurations — bit-serial with programming error, read noise and thermal noise; read noise; offset encodings
+with proportional programming error; 4-bit weights — 32 validation images, 2 chips, every per-instance and
+per-image number compared). ``953fed0f…``: the simulator before ``measure`` also returned per-image correctness (outputs added, nothing
 else). Run side by side on the same probes and thread count (32 images, 2 chips of a bit-serial ADC, a read-noise
 and a programming-error configuration), the two gave identical results to the last bit."""
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from cimstat.errors import SweepError
+from cimstat.hardware import SignedInputEncoding
 from cimstat.sweeps.spec import Combination
 
 __all__ = ["BUNDLE_FORMAT", "export_mc_jobs", "run_mc_jobs", "run_mc_jobs_side_by_side", "import_mc_results",
@@ -47,29 +48,6 @@ BUNDLE_KEYS = ("simulator", "model", "weights", "fingerprint", "images", "repeat
 """What a bundle holds besides its ``format``."""
 
 
-def layer_macs(model: torch.nn.Module, image: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates of every analog layer of the folded ``model`` for one ``image`` ``(1, C, H, W)``."""
-    from cimstat.network import analog_layer_names, fold_batchnorm
-
-    folded = fold_batchnorm(model)
-    macs: dict[str, int] = {}
-
-    def hook(name: str):
-        def record(module, _inputs, output):
-            positions = output[0, 0].numel() if output.dim() == 4 else 1
-            macs[name] = int(module.weight.numel()) * positions
-        return record
-
-    handles = [folded.get_submodule(n).register_forward_hook(hook(n)) for n in analog_layer_names(folded)]
-    try:
-        with torch.no_grad():
-            folded(image.to(torch.float32))
-    finally:
-        for h in handles:
-            h.remove()
-    return macs
-
-
 def mc_work(resolved: Mapping[str, Any], macs: Mapping[str, int], instances: int) -> float:
     """Relative Monte Carlo cost of one combination (to run the cheap ones first): per chip and layer, the
     layer's MACs times its analog conversions per product (input passes x ADC columns, twice with read noise);
@@ -80,7 +58,7 @@ def mc_work(resolved: Mapping[str, Any], macs: Mapping[str, int], instances: int
         if c.input_bits is None or c.weight_bits is None:
             total += macs.get(name, 0)
             continue
-        split = signed and str(getattr(c.signed_input_encoding, "value", c.signed_input_encoding)) == "split"
+        split = signed and c.signed_input_encoding is SignedInputEncoding.SPLIT
         passes = len(c.input_slices(signed)) * (2 if split else 1)
         columns = len(c.weight_slices()) * (1 if c.adc_signed else 2)
         lossless = (c.adc_bits is None and c.adc_thermal_noise_lsb == 0 and c.read_noise == 0
@@ -112,7 +90,8 @@ def export_mc_jobs(evaluator: Any, combos: Sequence[Combination], path: str | Pa
     repeat = 1
     if x.dim() == 4 and x.shape[1] > 1 and bool((x == x[:, :1]).all()):
         repeat, x = int(x.shape[1]), x[:, :1].contiguous()
-    macs = layer_macs(evaluator._model, x[:1].repeat(1, repeat, 1, 1) if repeat > 1 else x[:1])
+    layers = evaluator._estimator._probes.stats.layers  # the probes know every layer's shape on these images
+    macs = {name: s.fan_in * s.out_channels * s.n_positions for name, s in layers.items()}
     jobs = []
     for combo in combos:
         resolved, _ = evaluator._estimator.resolve(combo)
@@ -190,8 +169,9 @@ def run_mc_jobs(bundle_path: str | Path, out: str | Path, *, device: str = "cpu"
     """Measure the jobs of a bundle on ``device``, appending one JSON line per finished job to ``out``
     (``{"key", "label", "simulator", "ranges", "mc"}``, ``mc`` the cache columns of
     :func:`~cimstat.sweeps.evaluators.mc_columns` plus ``mc_seconds`` and ``mc_device``). Jobs already in ``out``
-    are skipped, and so are those in the ``skip_done_in`` files. Runners side by side (on one GPU or several) share a ``claims`` folder: each job is taken by the
-    first runner to create its claim file there (give each runner its own ``out``). Jobs run cheapest first, or
+    are skipped, and so are those in the ``skip_done_in`` files. Runners side by side (on one GPU or several)
+    share a ``claims`` folder: each job is taken by the first runner to create its claim file there (give each
+    runner its own ``out``). Jobs run cheapest first, or
     most costly first with ``largest_first`` (the shortest makespan for runners side by side); no job is started
     once ``time_budget_s`` seconds have passed; a failed job's claim is released. Returns the number of jobs
     measured."""
@@ -296,9 +276,9 @@ def run_mc_jobs_side_by_side(bundle_path: str | Path, out: str | Path, runners: 
     """``runners`` processes of :func:`run_mc_jobs` side by side on ``device`` (a GPU is kept busier by several),
     most costly jobs first, sharing a claims folder next to ``out``. Each writes a part file next to ``out``; when
     all are done the parts are appended to ``out`` (parts left by a killed run are merged first by the next call,
-    which then resumes). ``threads``: torch CPU threads of each runner (None: torch's default; the float
-    reference's last bits depend on it; None: the CPU's cores shared out). Returns the number of jobs measured; a failing runner is named in a
-    :class:`SweepError` after the others finished."""
+    which then resumes). ``threads``: torch CPU threads of each runner (None: the CPU's cores shared out; the
+    float reference's last bits depend on it). Returns the number of jobs measured; a failing runner is named in
+    a :class:`SweepError` after the others finished."""
     import multiprocessing
     import shutil
 
