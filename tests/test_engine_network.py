@@ -21,10 +21,10 @@ def engine(default_probes):
 
 @pytest.fixture(scope="module")
 def small_engine(default_probes):
-    """An engine over four of the layers (keeps the many-config tests fast)."""
+    """An engine over four of the layers, its mean-field route over 64 images (keeps the many-config tests fast)."""
     from cimstat.engine import Engine
 
-    eng = Engine(default_probes)
+    eng = Engine(default_probes, meanfield_images=64)
     eng.layers = {n: eng.layers[n] for n in ("conv1", "layer1.0.conv1", "layer2.0.downsample.0", "fc")}
     return eng
 
@@ -79,36 +79,62 @@ def test_every_knob_is_honoured(small_engine):
         assert changed, f"knob {knob} did not change the estimate"
 
 
-def test_top1_is_declined_below_the_fc_snr_where_it_holds(engine):
-    """Far below TOP1_MIN_FC_SNR_DB the linearised top-1 is kept aside and the estimate says why; above it
-    top-1 is a number."""
+@pytest.fixture(scope="module")
+def mf_engine(default_probes):
+    """An engine whose mean-field route runs over 250 probe images (keeps these tests fast)."""
+    from cimstat.engine import Engine
+
+    return Engine(default_probes, meanfield_images=250)
+
+
+def test_collapse_takes_the_mean_field_route(mf_engine):
+    """Far below TOP1_MIN_FC_SNR_DB the fc SNR and top-1 come from the mean-field route, which sees the collapse
+    (20 % read noise, MC on 500 validation images: fc -3.3 dB, top-1 9.7 %; the linearised route says -5.4 dB and
+    28 %); above it the linear route stays."""
     from cimstat.engine.network import TOP1_MIN_FC_SNR_DB
 
-    low = _est(engine, read_noise=0.2)
-    assert low.fc_snr_db < TOP1_MIN_FC_SNR_DB
-    assert math.isnan(low.top1) and 0.0 <= low.top1_linear <= 1.0
-    assert f"{TOP1_MIN_FC_SNR_DB:g} dB" in low.top1_note and "Monte Carlo" in low.top1_note
-    high = _est(engine, read_noise=0.005)
-    assert high.fc_snr_db > TOP1_MIN_FC_SNR_DB
-    assert high.top1 == high.top1_linear and not high.top1_note
+    low = _est(mf_engine, read_noise=0.2)
+    assert low.route == "meanfield" and f"{TOP1_MIN_FC_SNR_DB:g} dB" in low.route_note and not low.top1_note
+    assert low.fc_snr_db_linear < TOP1_MIN_FC_SNR_DB and low.fc_snr_db == low.fc_snr_db_meanfield
+    assert -3.0 < low.fc_snr_db < 1.0 and low.top1 < 0.15 < low.top1_linear
+    assert low.to_row()["route"] == "meanfield" and low.to_row()["fc_snr_db_linear"] == low.fc_snr_db_linear
+    high = _est(mf_engine, read_noise=0.005)
+    assert high.fc_snr_db > TOP1_MIN_FC_SNR_DB and high.route == "linear"
+    assert high.top1 == high.top1_linear and not high.top1_note and math.isnan(high.fc_snr_db_meanfield)
 
 
-def test_top1_is_declined_where_layers_are_too_distorted(engine):
+def test_distorted_layers_take_the_mean_field_route(mf_engine):
     """A layer whose error is as large as its signal, or many layers each heavily distorted, take the network out
-    of the linear regime even where the linearised fc SNR stays above TOP1_MIN_FC_SNR_DB (MC: top-1 94 % and 90 %
-    where the linearised estimates said 100 % and 98 %); one layer at 4.6 dB alone does not (MC agrees)."""
+    of the linear regime even where the linearised fc SNR stays above TOP1_MIN_FC_SNR_DB. 2-bit weights on
+    layer1.1.conv2 (MC, 500 validation images: top-1 93.6 %, fc 6.3 dB) are applied exactly by the mean-field route;
+    the linearised route said 100 % and 11.5 dB. One layer at 4.6 dB alone stays linear (MC agrees)."""
     from cimstat.engine.network import TOP1_MAX_LAYER_NSR_SUM, TOP1_MIN_FC_SNR_DB, TOP1_MIN_LAYER_SNR_DB
 
-    one = engine.estimate(HardwareConfig(LayerConfig(), layers={"layer1.1.conv2": {"weight_bits": 2}}, name="w2"))
-    assert one.fc_snr_db > TOP1_MIN_FC_SNR_DB and one.layers["layer1.1.conv2"].snr_db < TOP1_MIN_LAYER_SNR_DB
-    assert math.isnan(one.top1) and "layer1.1.conv2" in one.top1_note and "Monte Carlo" in one.top1_note
-    many = _est(engine, input_slice_bits=1, rows_per_array=128, adc_bits=5, adc_range="calibrated",
+    one = mf_engine.estimate(HardwareConfig(LayerConfig(), layers={"layer1.1.conv2": {"weight_bits": 2}}, name="w2"))
+    assert one.fc_snr_db_linear > TOP1_MIN_FC_SNR_DB and one.layers["layer1.1.conv2"].snr_db < TOP1_MIN_LAYER_SNR_DB
+    assert one.route == "meanfield" and "layer1.1.conv2" in one.route_note
+    assert 0.90 < one.top1 < 0.96 and 5.0 < one.fc_snr_db < 7.5
+    many = _est(mf_engine, input_slice_bits=1, rows_per_array=128, adc_bits=5, adc_range="calibrated",
                 weight_encoding="offset")
     nsr = sum(10 ** (-le.snr_db / 10) for le in many.layers.values())
     assert min(le.snr_db for le in many.layers.values()) > TOP1_MIN_LAYER_SNR_DB and nsr > TOP1_MAX_LAYER_NSR_SUM
-    assert math.isnan(many.top1) and "add up to" in many.top1_note
-    fine = engine.estimate(HardwareConfig(LayerConfig(), layers={"layer3.1.conv1": {"input_bits": 2}}, name="in2"))
-    assert fine.layers["layer3.1.conv1"].snr_db < 6 and fine.top1 == fine.top1_linear and not fine.top1_note
+    assert many.route == "meanfield" and "add up to" in many.route_note
+    fine = mf_engine.estimate(HardwareConfig(LayerConfig(), layers={"layer3.1.conv1": {"input_bits": 2}}, name="in2"))
+    assert fine.layers["layer3.1.conv1"].snr_db < 6 and fine.top1 == fine.top1_linear and fine.route == "linear"
+
+
+def test_top1_is_declined_where_the_mean_field_route_cannot_run(default_probes):
+    """Given weight matrices only (no network to carry the Gaussians through), the collapse regime has no top-1,
+    and the note says why and what to do."""
+    from cimstat.engine import Engine
+    from cimstat.engine.network import _model_weights
+
+    weights, _ = _model_weights(default_probes)
+    eng = Engine(default_probes, weights)
+    low = _est(eng, read_noise=0.2)
+    assert math.isnan(low.top1) and 0.0 <= low.top1_linear <= 1.0 and low.route == "linear"
+    assert "mean-field route is not available" in low.top1_note and "Monte Carlo" in low.top1_note
+    assert "weight matrices" in low.top1_note
 
 
 def test_float_inputs_with_device_noise_is_an_error(engine):

@@ -193,6 +193,28 @@ def test_plots_table_and_validation_report(tmp_path):
     assert text.count("\n| ") >= 6 + 2
 
 
+
+def test_validation_report_separates_the_mean_field_route():
+    """Configurations on the mean-field route are counted, their top-1 errors reported apart from the linear
+    route's, marked `mf` in the table; fc errors below the 10 dB line are reported without a target."""
+    frame = pd.DataFrame([
+        {"combo": 0, "route": "linear", "conv1_snr_db": 30.0, "mc_conv1_snr_db": 30.1, "err_conv1_db": -0.1,
+         "fc_snr_db": 20.0, "mc_fc_snr_db": 20.3, "err_fc_db": -0.3, "top1": 0.98, "mc_top1": 0.975,
+         "err_top1_pp": 0.5},
+        {"combo": 1, "route": "meanfield", "conv1_snr_db": 8.0, "mc_conv1_snr_db": 8.2, "err_conv1_db": -0.2,
+         "fc_snr_db": 1.0, "mc_fc_snr_db": 1.8, "err_fc_db": -0.8, "top1": 0.40, "mc_top1": 0.44,
+         "err_top1_pp": -4.0},
+    ])
+    stats = validation_stats(frame)
+    assert stats["meanfield_n"] == 1 and stats["top1_declined_n"] == 0
+    assert stats["top1_linear_route"][1] == pytest.approx(0.5) and stats["top1_meanfield_route"][1] == pytest.approx(4.0)
+    assert stats["fc_low_n"] == 1 and stats["fc_low_max_db"] == pytest.approx(0.8)
+    text = validation_report(frame, [], {"command": "python -m sweeps.validate x.py"})
+    assert "| top-1, mean-field route (collapse regime) | 4.00 pp | 4.00 pp | 1 |" in text
+    assert "| fc SNR where MC fc SNR < 10 dB (reported) | 0.80 dB | 0.80 dB | 1 |" in text
+    assert "| 40.00 mf |" in text and "| 98.00 |" in text
+    assert "mean-field route gave fc SNR and top-1 on 1 configuration" in text
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path

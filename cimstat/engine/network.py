@@ -27,6 +27,11 @@ independent, contributions add):
 by Gauss–Hermite quadrature (:mod:`cimstat.accuracy`) with the random variances, corrected by
 the change the per-image shifts ``δz_n`` make on the images that carry them (the first
 ``gain_jac.shape[0]`` probe images): ``top1 = A(all) + A_shifted(coh) - A(coh)``.
+
+That is the linear route. Beyond its limits (:data:`TOP1_MIN_FC_SNR_DB`, :data:`TOP1_MIN_LAYER_SNR_DB`,
+:data:`TOP1_MAX_LAYER_NSR_SUM`) fc SNR and top-1 come from the mean-field route (:mod:`.meanfield`): every
+layer's gain, offset, rounded weights and remaining error variance, carried as Gaussians through the network
+over the probe images.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from cimstat.errors import EstimationError
 from cimstat.hardware import HardwareConfig, ResolvedLayer, load_config
 
 from .layer import ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, estimate_layer
+from .meanfield import MEANFIELD_IMAGES, MEANFIELD_INPUT_ELEMENTS, LayerPerturbation, MeanFieldNetwork
 from cimstat.metrics import snr_db
 
 from .sources import ErrorSource
@@ -51,8 +57,9 @@ __all__ = ["Estimate", "Engine", "estimate", "engine_for", "TOP1_MIN_FC_SNR_DB",
            "TOP1_MAX_LAYER_NSR_SUM", "ADC_PER_IMAGE_NOTE"]
 
 TOP1_MIN_FC_SNR_DB = 7.0
-"""Below this estimated fc (logits) SNR the engine declines top-1 (``Estimate.top1`` is NaN, the reason is
-in ``top1_note``; the linearised number stays in ``top1_linear``). The propagation is linear around the
+"""Below this linearised fc (logits) SNR the engine takes the mean-field route (:mod:`.meanfield`) for the fc SNR
+and top-1 (``Estimate.route``; why in ``route_note``; the linearised numbers stay in ``fc_snr_db_linear`` and
+``top1_linear``); where that route cannot run it declines top-1 (NaN, ``top1_note`` says why). The propagation is linear around the
 float network; far from it the errors compound nonlinearly. Measured on the default model (1,000
 validation images for the Monte Carlo unless said): the linearised top-1 is within 1.4 pp at estimated fc
 SNRs of 7.2-9.1 dB (read noise 3 % / 3.5 %: -0.6 / -1.1 pp; programming error 3 % / 3.5 %: -1.4 / -1.1 pp;
@@ -66,7 +73,7 @@ the clean logits. The bit-serial max-range ADCs collapse to one class in the Mon
 
 
 TOP1_MIN_LAYER_SNR_DB = 3.0
-"""The engine also declines top-1 where some layer's isolated SNR is below this (its error holds half its signal's
+"""The engine also takes the mean-field route where some layer's isolated SNR is below this (its error holds half its signal's
 energy), or where the layers' error-to-signal ratios add up to more than :data:`TOP1_MAX_LAYER_NSR_SUM`: the
 propagation is linear around the float network, and there the errors change the operating point of the layers
 after them. Measured on the default model (MC on 512 validation images unless said):
@@ -81,7 +88,7 @@ after them. Measured on the default model (MC on 512 validation images unless sa
   layers at 7.2 dB or more and ratios adding up to 1.7 or less."""
 
 TOP1_MAX_LAYER_NSR_SUM = 2.0
-"""See :data:`TOP1_MIN_LAYER_SNR_DB`: the largest ``Σ_layers 10^(-SNR_layer/10)`` (isolated) with a top-1 estimate."""
+"""See :data:`TOP1_MIN_LAYER_SNR_DB`: the largest ``Σ_layers 10^(-SNR_layer/10)`` (isolated) on the linear route."""
 
 
 ADC_PER_IMAGE_NOTE = """The precise ADC route (``adc_per_image=True``; ``--adc-per-image`` of the sweep commands).
@@ -113,6 +120,12 @@ class Estimate:
     top1_linear: float = math.nan                    #: the linearised top-1, also where ``top1`` is declined
     top1_note: str = ""                              #: why ``top1`` is NaN (empty when it is estimated)
     layer_logit_noise: dict[str, float] = field(default_factory=dict)  #: Σ_j σ_j² added by each layer
+    #: ``"linear"`` (the linearised propagation) or ``"meanfield"`` (the collapse regime, :mod:`.meanfield`):
+    #: where ``top1`` and ``fc_snr_db`` come from
+    route: str = "linear"
+    #: why the mean-field route was taken (the linear route's limit that was crossed), empty on the linear route
+    route_note: str = ""
+    fc_snr_db_meanfield: float = math.nan            #: the mean-field route's fc SNR (dB), NaN on the linear route
 
     @property
     def conv1_snr_db(self) -> float:
@@ -121,7 +134,13 @@ class Estimate:
 
     @property
     def fc_snr_db(self) -> float:
-        """End-to-end SNR at the logits (dB)."""
+        """End-to-end SNR at the logits (dB): the mean-field route's where it was taken (:attr:`route`), else
+        :attr:`fc_snr_db_linear`."""
+        return self.fc_snr_db_meanfield if self.route == "meanfield" else self.fc_snr_db_linear
+
+    @property
+    def fc_snr_db_linear(self) -> float:
+        """The linearised fc SNR (dB), the one :attr:`logit_noise` breaks down by source."""
         return snr_db(self.logit_signal, float(sum(v.sum() for v in self.logit_noise.values())))
 
     @property
@@ -145,7 +164,8 @@ class Estimate:
         """Flat dict: conv1/fc SNR, top-1, logit noise per source (``err_<source>``), per-layer SNR."""
         row: dict[str, Any] = {"config": self.config_name, "conv1_snr_db": self.conv1_snr_db,
                                "fc_snr_db": self.fc_snr_db, "top1": self.top1, "top1_clean": self.top1_clean,
-                               "top1_linear": self.top1_linear, "top1_note": self.top1_note}
+                               "top1_linear": self.top1_linear, "top1_note": self.top1_note, "route": self.route,
+                               "fc_snr_db_linear": self.fc_snr_db_linear, "route_note": self.route_note}
         total = float(sum(v.sum() for v in self.logit_noise.values()))
         for s in ErrorSource:
             v = float(self.logit_noise[s].sum())
@@ -157,8 +177,9 @@ class Estimate:
         return row
 
 
-def _model_weights(probes: Any, model: Any = None) -> dict[str, np.ndarray]:
-    """Folded weight matrices of the probed model's analog layers."""
+def _model_weights(probes: Any, model: Any = None) -> tuple[dict[str, np.ndarray], Any]:
+    """Folded weight matrices of the probed model's analog layers, and the folded model (None when only
+    weights were given)."""
     from cimstat.models import load
     from cimstat.network import analog_layers, fold_batchnorm
 
@@ -169,23 +190,49 @@ def _model_weights(probes: Any, model: Any = None) -> dict[str, np.ndarray]:
                                   "(only the embedded 'default' model loads without a weights file)")
         model = load("default")
     if isinstance(model, Mapping):
-        return {k: np.asarray(v, dtype=np.float64) for k, v in model.items()}
+        return {k: np.asarray(v, dtype=np.float64) for k, v in model.items()}, None
     probes.check_model(model)
     folded = fold_batchnorm(model)
-    return {spec.name: spec.weight_matrix.detach().double().numpy() for spec in analog_layers(folded)}
+    return {spec.name: spec.weight_matrix.detach().double().numpy() for spec in analog_layers(folded)}, folded
+
+
+def _probe_images(meta: Mapping[str, Any], n: int, max_elements: int):
+    """The first images of the split the probes were made on (:mod:`cimstat.data`), with their labels: ``n``,
+    or fewer so that they hold at most ``max_elements`` input elements (at least one image)."""
+    import torch
+
+    from cimstat import data
+
+    dataset = meta.get("dataset")
+    if dataset is None or meta.get("split") is None:
+        raise EstimationError("the probe metadata names no dataset/split to reload the probe images from")
+    if dataset == "default":
+        images, labels = data.default_tensors(meta["split"])
+        n = max(1, min(n, max_elements // images[0].numel()))
+        return images[:n], labels[:n]
+    ds = data.dataset(dataset, meta["split"], meta.get("data_root"), n)
+    first = ds[0][0]
+    n = max(1, min(n, max_elements // first.numel()))
+    items = [ds[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
 
 class Engine:
     """The analytic engine bound to one probe set (caches weights and per-layer statistics)."""
 
     def __init__(self, probes: Any, model: Any = None, *, adc_per_image: bool = False,
-                 cache_bytes: int = ENGINE_CACHE_BYTES):
+                 cache_bytes: int = ENGINE_CACHE_BYTES, meanfield_images: int = MEANFIELD_IMAGES):
         self.probes = probes
         #: the precise ADC route (:data:`ADC_PER_IMAGE_NOTE`): the ADC error of every output of the
         #: noise-propagation images, propagated per image, where the probes allow it
         self.adc_per_image = bool(adc_per_image)
         stats = probes.stats
-        weights = _model_weights(probes, model)
+        weights, self._folded = _model_weights(probes, model)
+        #: the mean-field route (:mod:`.meanfield`), built on first use; or why it cannot be (a string)
+        self._meanfield: MeanFieldNetwork | str | None = None
+        if isinstance(meanfield_images, bool) or not isinstance(meanfield_images, int) or meanfield_images < 1:
+            raise EstimationError(f"meanfield_images={meanfield_images!r} must be a positive integer")
+        self.meanfield_images = meanfield_images  #: probe images the mean-field route runs over (at most)
         missing = [n for n in stats.layers if n not in weights]
         if missing:
             raise EstimationError(f"the model has no analog layer(s) {missing[:3]} that the probes describe")
@@ -266,8 +313,8 @@ class Engine:
         # the precise route for the error energies; top-1 from the default route (ADC_PER_IMAGE_NOTE)
         default = self._estimate(config, resolved, start, False)
         out = self._estimate(config, resolved, start, True)
-        out.top1_linear = default.top1_linear
-        out.top1 = math.nan if out.top1_note else default.top1_linear
+        out.top1_linear, out.top1, out.top1_note = default.top1_linear, default.top1, default.top1_note
+        out.route, out.route_note, out.fc_snr_db_meanfield = default.route, default.route_note, default.fc_snr_db_meanfield
         return out
 
     def _estimate(self, config: HardwareConfig, resolved: Mapping[str, ResolvedLayer], start: float,
@@ -333,22 +380,81 @@ class Engine:
         worst = min(layers, key=lambda n: layers[n].snr_db)
         nsr_sum = sum(10 ** (-le.snr_db / 10) for le in layers.values())
         if fc < TOP1_MIN_FC_SNR_DB:
-            note = (f"top-1 not estimated: the estimated fc SNR {fc:.1f} dB is below {TOP1_MIN_FC_SNR_DB:g} dB, where "
-                    "errors compound beyond the linearised propagation (accuracy may collapse); run the Monte "
-                    "Carlo referee for this design")
+            note = (f"the estimated fc SNR {fc:.1f} dB is below {TOP1_MIN_FC_SNR_DB:g} dB, where errors compound "
+                    "beyond the linearised propagation (accuracy may collapse)")
         elif layers[worst].snr_db < TOP1_MIN_LAYER_SNR_DB:
-            note = (f"top-1 not estimated: layer {worst}'s isolated SNR {layers[worst].snr_db:.1f} dB is below "
-                    f"{TOP1_MIN_LAYER_SNR_DB:g} dB, where its error changes what the next layers do (the fc SNR, "
-                    "linearised, is optimistic there); run the Monte Carlo referee for this design")
+            note = (f"layer {worst}'s isolated SNR {layers[worst].snr_db:.1f} dB is below {TOP1_MIN_LAYER_SNR_DB:g} "
+                    "dB, where its error changes what the next layers do (the fc SNR, linearised, is optimistic there)")
         elif nsr_sum > TOP1_MAX_LAYER_NSR_SUM:
-            note = (f"top-1 not estimated: the layers' isolated error-to-signal ratios add up to {nsr_sum:.2f}, more "
-                    f"than {TOP1_MAX_LAYER_NSR_SUM:g}, where errors compound beyond the linearised propagation (the fc "
-                    "SNR is optimistic there); run the Monte Carlo referee for this design")
-        return Estimate(config_name=config.name, layers=layers, logit_noise=logit, logit_signal=self.logit_signal,
-                        top1=math.nan if note else acc, top1_clean=self.top1_clean,
-                        seconds=time.perf_counter() - start, layer_logit_noise=per_layer, top1_linear=acc,
-                        top1_note=note)
+            note = (f"the layers' isolated error-to-signal ratios add up to {nsr_sum:.2f}, more than "
+                    f"{TOP1_MAX_LAYER_NSR_SUM:g}, where errors compound beyond the linearised propagation (the fc "
+                    "SNR is optimistic there)")
+        out = Estimate(config_name=config.name, layers=layers, logit_noise=logit, logit_signal=self.logit_signal,
+                       top1=acc, top1_clean=self.top1_clean, seconds=0.0, layer_logit_noise=per_layer,
+                       top1_linear=acc)
+        if note and not precise:  # the collapse regime: the mean-field route (the precise route takes the default's)
+            try:
+                out.fc_snr_db_meanfield, out.top1 = self._meanfield_route(config, resolved, layers)
+                out.route, out.route_note = "meanfield", "mean-field route: " + note
+            except EstimationError as err:
+                out.top1 = math.nan
+                out.top1_note = (f"top-1 not estimated: {note}, and the mean-field route is not available ({err}); "
+                                 "run the Monte Carlo referee for this design")
+        out.seconds = time.perf_counter() - start
+        return out
 
+    def _meanfield_network(self) -> MeanFieldNetwork:
+        """The mean-field network over the probe images (built once; :class:`EstimationError` if it cannot be)."""
+        if isinstance(self._meanfield, str):
+            raise EstimationError(self._meanfield)
+        if self._meanfield is None:
+            try:
+                if self._folded is None:
+                    raise EstimationError("the engine was given weight matrices, not the model (pass the nn.Module)")
+                n = min(self.meanfield_images, len(self.labels))
+                images, labels = _probe_images(self.probes.stats.meta, n, MEANFIELD_INPUT_ELEMENTS)
+                n = len(labels)
+                if not np.array_equal(np.asarray(labels), self.labels[:n]):
+                    raise EstimationError("the reloaded probe images' labels differ from the probed ones")
+                import torch
+
+                with torch.no_grad():
+                    clean = self._folded.eval()(images[:8].to(torch.float32)).double().numpy()
+                if not np.allclose(clean, self.logits[:len(clean)], rtol=1e-3, atol=1e-3 * np.abs(clean).max()):
+                    raise EstimationError("the reloaded probe images do not reproduce the probed logits")
+                self._meanfield = MeanFieldNetwork(self._folded, images)
+            except EstimationError as err:
+                self._meanfield = str(err)
+                raise
+            except Exception as err:  # a dataset that cannot be read here: said once, every time
+                self._meanfield = f"the probe images could not be reloaded: {err}"
+                raise EstimationError(self._meanfield) from err
+        return self._meanfield
+
+    def _meanfield_route(self, config: HardwareConfig, resolved: Mapping[str, ResolvedLayer],
+                         layers: Mapping[str, LayerEstimate]) -> tuple[float, float]:
+        """``(fc SNR dB, top-1)`` of the mean-field route (:mod:`.meanfield`) over the probe images."""
+        net = self._meanfield_network()
+        perturb = {}
+        for name, le in layers.items():
+            lm, cfg = self.layers[name], resolved[name].config
+            c_out = len(le.signal)
+            a = sum((v for v in le.gain.values()), np.zeros(c_out))
+            m = sum((v for v in le.offset.values()), np.zeros(c_out))
+            bias = net.modules[name].bias
+            b = np.zeros(c_out) if bias is None else bias.detach().double().numpy()
+            ey = lm.stats.out_mean - b                          # E[W x], E[(W x)²] without the bias
+            ey2 = lm.stats.out_sq_mean - 2 * b * lm.stats.out_mean + b * b
+            rest = le.total - (a * a * ey2 + 2 * a * m * ey + m * m)
+            weight = None
+            if cfg.weight_bits is not None:  # weight rounding is one fixed draw: applied exactly
+                weight = lm.weights(cfg).dequantized
+                rest = rest - le.error[ErrorSource.WEIGHT_QUANTIZATION]
+            perturb[name] = LayerPerturbation(a, m, np.maximum(rest, 0.0), weight)
+        mean, var = net.moments(perturb)
+        z, y = self.logits[:len(mean)], self.labels[:len(mean)]
+        fc = snr_db(float((z ** 2).sum(1).mean()), float(((mean - z) ** 2 + var).sum(1).mean()))
+        return fc, predicted_top1(mean, y, var)
 
     def _add_shifts(self, name: str, le: LayerEstimate, logit: dict, shifts: dict, layer_shift: dict) -> None:
         """Accumulate the per-image logit shifts of the layer's deterministic errors."""

@@ -85,6 +85,12 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
     judged = mc_fc >= FC_MIN_MC_SNR_DB
     out["fc_median_db"], out["fc_max_db"], out["fc_n"] = _stat(np.where(judged, fc_err, np.nan))
     out["fc_low_n"] = int((np.isfinite(mc_fc) & ~judged).sum())
+    out["fc_low_median_db"], out["fc_low_max_db"], _ = _stat(np.where(np.isfinite(mc_fc) & ~judged, fc_err, np.nan))
+    route = frame["route"].astype(str).to_numpy() if "route" in frame.columns else np.full(len(frame), "linear")
+    top1_err = _num(frame, "err_top1_pp")
+    out["meanfield_n"] = int((route == "meanfield").sum())
+    for name in ("linear", "meanfield"):
+        out[f"top1_{name}_route"] = _stat(np.where(route == name, top1_err, np.nan))
     out["top1_median_pp"], out["top1_max_pp"], out["top1_n"] = _stat(_num(frame, "err_top1_pp"))
     out["drop_median_pp"], out["drop_max_pp"], out["drop_n"] = _stat(top1_drop_error_pp(frame))
     # MC top-1 error bars over the split without per-image results (cached by an earlier simulator)
@@ -178,14 +184,25 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              f"| top-1 | {_f(s['top1_median_pp'])} pp | {_f(s['top1_max_pp'])} pp | {s['top1_n']}"
              + (f" (+{s['top1_declined_n']} declined)" if s.get("top1_declined_n") else "")
              + f" | max ≤ 1.5 pp | {_verdict(s['top1_max_pp'], 1.5) if not s.get('top1_declined_n') else '**missed**'} |",
+             *([f"| fc SNR where MC fc SNR < {FC_MIN_MC_SNR_DB:g} dB (reported) | {_f(s['fc_low_median_db'])} dB | "
+                f"{_f(s['fc_low_max_db'])} dB | {s['fc_low_n']} | – | |"] if s.get("fc_low_n") else []),
+             *([f"| top-1, linear route | {_f(s['top1_linear_route'][0])} pp | {_f(s['top1_linear_route'][1])} pp | "
+                f"{s['top1_linear_route'][2]} | – | |",
+                f"| top-1, mean-field route (collapse regime) | {_f(s['top1_meanfield_route'][0])} pp | "
+                f"{_f(s['top1_meanfield_route'][1])} pp | {s['top1_meanfield_route'][2]} | – | |"]
+               if s.get("meanfield_n") else []),
              f"| top-1 drop from the float network (each on its own images; diagnostic) | "
              f"{_f(s['drop_median_pp'])} pp | {_f(s['drop_max_pp'])} pp | {s['drop_n']} | – | |",
              "",
-             *([f"Top-1 declined on {s['top1_declined_n']} configuration(s): the engine returns no top-1 where its "
-                "estimated fc SNR is below `cimstat.engine.network.TOP1_MIN_FC_SNR_DB`, a layer's isolated SNR "
-                "below `TOP1_MIN_LAYER_SNR_DB` or the layers' error-to-signal ratios add up to more than "
-                "`TOP1_MAX_LAYER_NSR_SUM` (errors compound beyond the linearised propagation; `top1_note` and "
-                "the linearised `top1_linear` are in the CSV). Counted as missed.", ""]
+             *([f"The mean-field route gave fc SNR and top-1 on {s['meanfield_n']} configuration(s) (marked `mf` in "
+                "the table): where the linearised fc SNR is below `cimstat.engine.network.TOP1_MIN_FC_SNR_DB`, a "
+                "layer's isolated SNR below `TOP1_MIN_LAYER_SNR_DB` or the layers' error-to-signal ratios add up to "
+                "more than `TOP1_MAX_LAYER_NSR_SUM`, the engine carries every activation of the probe images as a "
+                "Gaussian through the network (`cimstat.engine.meanfield`); `route`, `route_note`, "
+                "`fc_snr_db_linear` and `top1_linear` are in the CSV.", ""] if s.get("meanfield_n") else []),
+             *([f"Top-1 declined on {s['top1_declined_n']} configuration(s): the engine returns no top-1 where "
+                "the linearised propagation does not hold and the mean-field route cannot run (`top1_note` in the "
+                "CSV says why). Counted as missed.", ""]
                if s.get("top1_declined_n") else []),
              "Monte Carlo standard errors (median / max over configurations): conv1 SNR "
              f"{_f(s['mc_conv1_snr_se_db'][0], 3)} / {_f(s['mc_conv1_snr_se_db'][1], 3)} dB, fc SNR "
@@ -210,7 +227,8 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
         if s["exact_layers"]:
             lines += [f"Exact (infinite SNR in both) in every configuration: {', '.join(s['exact_layers'])}.", ""]
     lines += ["## Every configuration", "",
-              "SNR in dB, top-1 in %; `MC ± se` is the Monte Carlo mean and its standard error.", "",
+              "SNR in dB, top-1 in %; `MC ± se` is the Monte Carlo mean and its standard error; `mf`: fc SNR "
+              "and top-1 from the mean-field route.", "",
               "| # | configuration | conv1 est | conv1 MC ± se | err | fc est | fc MC | err | top-1 est | "
               "top-1 MC ± se | err pp | drop err pp |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -232,7 +250,8 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
         lines.append(
             f"| {row['combo']} | {desc} | {_f(g('conv1_snr_db'))} | {_f(g('mc_conv1_snr_db'))} ± "
             f"{_f(g('mc_conv1_snr_se_db'), 3)} | {_f(g('err_conv1_db'))} | {_f(g('fc_snr_db'))} | "
-            f"{_f(g('mc_fc_snr_db'))} | {_f(g('err_fc_db'))} | {_f(g('top1', 100))} | "
+            f"{_f(g('mc_fc_snr_db'))} | {_f(g('err_fc_db'))} | {_f(g('top1', 100))}"
+            f"{' mf' if str(row.get('route', '')) == 'meanfield' else ''} | "
             f"{_f(g('mc_top1', 100))} ± {_f(g('mc_top1_se_pp'))} | {_f(g('err_top1_pp'))} | {_f(drop[i])} |")
     lines.append("")
     return "\n".join(lines)

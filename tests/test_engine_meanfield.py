@@ -1,0 +1,139 @@
+"""The mean-field route (cimstat.engine.meanfield) on small networks: exact where it should be, right in
+expectation where noise is rectified, and explicit about what it cannot carry."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+from torch import nn
+
+from cimstat.engine.meanfield import LayerPerturbation, MeanFieldNetwork, relu_moments
+from cimstat.errors import EstimationError
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("mean, var", [(0.0, 1.0), (1.5, 0.25), (-2.0, 4.0), (3.0, 1e-6), (0.7, 0.0), (-0.7, 0.0)])
+def test_relu_moments_are_those_of_the_rectified_gaussian(mean, var):
+    m, v = relu_moments(torch.tensor([mean], dtype=torch.float64), torch.tensor([var], dtype=torch.float64))
+    if var == 0:
+        assert float(m) == max(mean, 0.0) and float(v) == 0.0
+        return
+    sd = math.sqrt(var)
+    lo, hi = max(0.0, mean - 12 * sd), max(0.0, mean + 12 * sd)
+    e1 = integrate.quad(lambda x: x * stats.norm.pdf(x, mean, sd), lo, hi)[0]
+    e2 = integrate.quad(lambda x: x * x * stats.norm.pdf(x, mean, sd), lo, hi)[0]
+    assert float(m) == pytest.approx(e1, rel=1e-6, abs=1e-12)
+    assert float(v) == pytest.approx(e2 - e1 * e1, rel=1e-5, abs=1e-12)
+
+
+class _Block(nn.Module):
+    """conv -> ReLU -> max pool -> residual conv block -> average pool -> linear: what ResNets are made of."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.conv1(x)))
+        y = torch.relu(self.conv2(y) + y)
+        return self.fc(torch.flatten(self.avg(y), 1))
+
+
+@pytest.fixture
+def block():
+    torch.manual_seed(0)
+    return torch.fx.symbolic_trace(_Block().eval())
+
+
+def test_without_perturbations_it_is_the_float_network(block):
+    x = torch.randn(7, 2, 8, 8)
+    net = MeanFieldNetwork(block, x, batch_size=3)  # batches of 3: the concatenation is checked too
+    mean, var = net.moments({})
+    with torch.no_grad():
+        np.testing.assert_allclose(mean, block(x).double().numpy(), rtol=1e-5, atol=1e-6)
+    assert np.all(var == 0)
+
+
+def test_a_layer_applies_its_gain_offset_weights_and_variance(block):
+    """One linear layer as the last: mean ``(1+a)·W_eff x + b + m``, variance ``v`` (nothing upstream)."""
+    x = torch.randn(5, 2, 8, 8)
+    net = MeanFieldNetwork(block, x)
+    w_eff = np.round(block.fc.weight.detach().numpy() * 4) / 4
+    pert = LayerPerturbation(gain=np.array([0.1, -0.2, 0.0]), offset=np.array([0.0, 0.5, -1.0]),
+                             variance=np.array([0.3, 0.0, 2.0]), weight=w_eff)
+    mean, var = net.moments({"fc": pert})
+    feats = {}
+    block.avg.register_forward_hook(lambda _m, _i, out: feats.setdefault("f", out.flatten(1)))
+    with torch.no_grad():
+        block(x)
+    f = feats["f"].double().numpy()
+    expected = (1 + pert.gain) * (f @ w_eff.T.astype(np.float64)) + block.fc.bias.detach().double().numpy() + pert.offset
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, np.broadcast_to(pert.variance, var.shape), rtol=1e-6)
+
+
+class _Rectify(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(6, 5)
+        self.lin2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(x)))
+
+
+def test_rectified_noise_matches_sampling_in_expectation():
+    """Gaussian noise on lin1's outputs, through ReLU and lin2: the rectification drift (mean) and the variance
+    of the logits are those of 200,000 noisy forward passes (elements independent: the route is exact here)."""
+    torch.manual_seed(1)
+    model = _Rectify().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 6)
+    sd = torch.tensor([0.5, 1.0, 2.0, 0.1, 1.5])
+    net = MeanFieldNetwork(gm, x)
+    mean, var = net.moments({"lin1": LayerPerturbation(np.zeros(5), np.zeros(5), (sd ** 2).numpy())})
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        h = model.lin1(x)
+        draws = h[None] + sd * torch.randn((200_000,) + tuple(h.shape), generator=gen)
+        z = model.lin2(torch.relu(draws)).double()
+        clean = model(x).double().numpy()
+    assert np.abs(mean - clean).max() > 0.05  # the drift is there to be found
+    np.testing.assert_allclose(mean, z.mean(0).numpy(), atol=0.01)
+    np.testing.assert_allclose(var, z.var(0).numpy(), rtol=0.02)
+
+
+def test_an_operation_it_cannot_carry_is_named():
+    class Sig(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.sigmoid(self.lin(x))
+    with pytest.raises(EstimationError, match="sigmoid"):
+        MeanFieldNetwork(torch.fx.symbolic_trace(Sig()), torch.zeros(1, 3))
+    with pytest.raises(EstimationError, match="torch.fx"):
+        MeanFieldNetwork(nn.Linear(3, 2), torch.zeros(1, 3))
+
+
+def test_probe_images_are_reloaded_within_the_element_budget():
+    """The route reloads the first probe images, fewer where they would exceed its input-element budget; probes
+    that name no dataset cannot be reloaded, and say so."""
+    from cimstat import data
+    from cimstat.engine.network import _probe_images
+
+    images, labels = _probe_images({"dataset": "default", "split": "probe"}, 10, 4 * 3 * 64 * 64 + 5)
+    ref_images, ref_labels = data.default_tensors("probe")
+    assert images.shape == (4, 3, 64, 64) and torch.equal(images, ref_images[:4]) and torch.equal(labels, ref_labels[:4])
+    with pytest.raises(EstimationError, match="no dataset"):
+        _probe_images({"model": "resnet18"}, 10, 10 ** 9)
