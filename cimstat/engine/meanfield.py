@@ -24,7 +24,7 @@ logits ``z``, top-1 by the quadrature of :mod:`cimstat.accuracy` with per-image 
 Assumptions: elements independent (the variance of a sum is the sum of the variances); errors Gaussian at every
 ReLU. Errors fixed on a chip but random between chips (programming error) are correlated across the positions of
 a feature map, which independence underrates at pooling: on the validation sweep the programming-error collapse
-configurations come out 4-5 pp optimistic. ADC thermal noise of 4 LSB (thermal4-adc6) comes out 23 pp
+configurations come out 4-5 pp optimistic. ADC thermal noise of 4 LSB (thermal4-adc6) comes out 25 pp
 pessimistic: every layer's end-to-end SNR is within 0.6 dB of the Monte Carlo's, but the image-specific part
 of the logits shrinks more (slope -0.74 against the Monte Carlo's -0.62 on 128 probe images).
 """
@@ -48,7 +48,7 @@ MEANFIELD_IMAGES = 500
 """Probe images the mean-field route runs over (at most; all the probe set has if fewer). Top-1 in the collapse
 regime varies by several points between image samples of a few hundred (weight_bits=3, where the route is exact:
 61.4 % on 256 probe images, 67.0 % on 500 validation images; the binomial error of 500 images at 50 % is 2.2 pp);
-500 images of the default model take 3-5 s on two cores (``Engine(meanfield_images=)`` to change)."""
+500 images of the default model took 4.6 s on two cores (``Engine(meanfield_images=)`` to change)."""
 
 MEANFIELD_INPUT_ELEMENTS = 500 * 3 * 64 * 64
 """Most input elements the route runs over: 500 default-model images (3x64x64), 40 at 3x224x224 (ImageNet), whose

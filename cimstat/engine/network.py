@@ -203,16 +203,10 @@ def _probe_images(meta: Mapping[str, Any], n: int, max_elements: int):
 
     from cimstat import data
 
-    dataset = meta.get("dataset")
-    if dataset is None or meta.get("split") is None:
+    if meta.get("dataset") is None or meta.get("split") is None:
         raise EstimationError("the probe metadata names no dataset/split to reload the probe images from")
-    if dataset == "default":
-        images, labels = data.default_tensors(meta["split"])
-        n = max(1, min(n, max_elements // images[0].numel()))
-        return images[:n], labels[:n]
-    ds = data.dataset(dataset, meta["split"], meta.get("data_root"), n)
-    first = ds[0][0]
-    n = max(1, min(n, max_elements // first.numel()))
+    ds = data.dataset(meta["dataset"], meta["split"], meta.get("data_root"), n)
+    n = max(1, min(n, max_elements // ds[0][0].numel()))
     items = [ds[i] for i in range(n)]
     return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
@@ -394,7 +388,7 @@ class Engine:
                        top1_linear=acc)
         if note and not precise:  # the collapse regime: the mean-field route (the precise route takes the default's)
             try:
-                out.fc_snr_db_meanfield, out.top1 = self._meanfield_route(config, resolved, layers)
+                out.fc_snr_db_meanfield, out.top1 = self._meanfield_route(resolved, layers)
                 out.route, out.route_note = "meanfield", "mean-field route: " + note
             except EstimationError as err:
                 out.top1 = math.nan
@@ -431,8 +425,7 @@ class Engine:
                 raise EstimationError(self._meanfield) from err
         return self._meanfield
 
-    def _meanfield_route(self, config: HardwareConfig, resolved: Mapping[str, ResolvedLayer],
-                         layers: Mapping[str, LayerEstimate]) -> tuple[float, float]:
+    def _meanfield_route(self, resolved: Mapping[str, ResolvedLayer], layers: Mapping[str, LayerEstimate]) -> tuple[float, float]:
         """``(fc SNR dB, top-1)`` of the mean-field route (:mod:`.meanfield`) over the probe images."""
         net = self._meanfield_network()
         perturb = {}
