@@ -10,7 +10,7 @@ import torch
 from scipy import integrate, stats
 from torch import nn
 
-from cimstat.engine.meanfield import LayerPerturbation, MeanFieldNetwork, relu_moments
+from cimstat.engine.meanfield import LayerPerturbation, MeanFieldNetwork, operating_point, relu_moments
 from cimstat.errors import EstimationError
 
 torch.set_num_threads(1)
@@ -137,3 +137,84 @@ def test_probe_images_are_reloaded_within_the_element_budget():
     assert images.shape == (4, 3, 64, 64) and torch.equal(images, ref_images[:4]) and torch.equal(labels, ref_labels[:4])
     with pytest.raises(EstimationError, match="no dataset"):
         _probe_images({"model": "resnet18"}, 10, 10 ** 9)
+
+
+def test_operating_point_is_the_per_channel_fit_of_the_noisy_input_on_the_clean_one():
+    gen = torch.Generator().manual_seed(3)
+    clean = torch.rand(40, 3, 5, 5, generator=gen)
+    alpha, beta = torch.tensor([0.5, 1.0, 0.0]), torch.tensor([0.2, 0.0, 0.7])
+    mean = alpha.reshape(1, 3, 1, 1) * clean + beta.reshape(1, 3, 1, 1)
+    var = torch.tensor([0.04, 0.0, 1.0]).reshape(1, 3, 1, 1).expand_as(clean)
+    a, b, sd = operating_point(clean, mean, var)
+    np.testing.assert_allclose(a, alpha.numpy(), atol=1e-6)
+    np.testing.assert_allclose(b, beta.numpy(), atol=1e-6)
+    np.testing.assert_allclose(sd, [0.2, 0.0, 1.0], atol=1e-6)
+    a, b, _ = operating_point(torch.ones(4, 2), torch.full((4, 2), 3.0), torch.zeros(4, 2))  # constant clean input
+    assert np.all(a == 0) and np.allclose(b, 3.0)
+
+
+class _NoBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(6, 5, bias=False)
+        self.lin2 = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(x)))
+
+
+def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
+    """lin1 halves its outputs: lin2's input is relu(h/2) = relu(h)/2, so lin2 is told α = 1/2, β = 0, sd = 0
+    (over all images at once, not per batch), and its returned gain and offset changes are applied."""
+    torch.manual_seed(4)
+    model = _NoBias().eval()
+    x = torch.randn(7, 6)
+    seen = []
+
+    def moved(alpha, beta, sd):
+        seen.append((alpha, beta, sd))
+        return np.full(3, 0.1), np.array([0.2, 0.0, -0.3])
+    net = MeanFieldNetwork(torch.fx.symbolic_trace(model), x, batch_size=2)
+    mean, var = net.moments({"lin1": LayerPerturbation(np.full(5, -0.5), np.zeros(5), np.zeros(5)),
+                             "lin2": LayerPerturbation(np.zeros(3), np.zeros(3), np.zeros(3), operating_point=moved)})
+    assert len(seen) == 1
+    alpha, beta, sd = seen[0]
+    with torch.no_grad():
+        h = torch.relu(model.lin1(x))
+        expected = (1.1 * model.lin2(h / 2)).double().numpy() + np.array([0.2, 0.0, -0.3])
+    live = h.std(0).numpy() > 0
+    np.testing.assert_allclose(alpha[live], 0.5, atol=1e-5)
+    np.testing.assert_allclose(beta, 0.0, atol=1e-6)
+    assert np.all(sd == 0)
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(var == 0)
+
+
+def test_adc_clipping_shift_is_zero_at_the_clean_operating_point_and_undoes_clipping_as_inputs_shrink(default_probes):
+    """A calibrated 4-bit ADC under bit-serial inputs clips layer1.0.conv1's largest partial sums (a negative
+    gain). At the clean operating point (α = 1, β = 0, sd = 0) nothing moves; with the inputs shrunk fewer partial
+    sums clip and the gain moves up (more at a quarter than at a half, never above the loss it had); a max-range
+    ADC never moves."""
+    from cimstat.engine import engine_for
+    from cimstat.engine.layer import adc_clipping_shift
+    from cimstat.engine.sources import ErrorSource
+    from cimstat.hardware import HardwareConfig, LayerConfig
+
+    eng = engine_for(default_probes)
+    lm = eng.layers["layer1.0.conv1"]
+    c_in = int(lm.channel_of_row.max()) + 1
+    ones, zeros = np.ones(c_in), np.zeros(c_in)
+    cfg = LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256, adc_bits=4,
+                      adc_range="calibrated")
+    r = eng.resolve(HardwareConfig(cfg))["layer1.0.conv1"]
+    d_gain, d_offset = adc_clipping_shift(lm, r, ones, zeros, zeros)
+    assert np.all(d_gain == 0) and np.all(d_offset == 0)
+    clip_gain = eng.estimate(HardwareConfig(cfg)).layers["layer1.0.conv1"].gain[ErrorSource.ADC_QUANTIZATION]
+    assert np.mean(clip_gain) < -0.01
+    half = adc_clipping_shift(lm, r, 0.5 * ones, zeros, zeros)[0]
+    quarter = adc_clipping_shift(lm, r, 0.25 * ones, zeros, zeros)[0]
+    assert np.mean(quarter > 0) > 0.9          # less clipping: the gain moves up on (nearly) every channel,
+    assert 0 < np.mean(half) < np.mean(quarter) <= -np.mean(clip_gain)  # more as the inputs shrink, never past 0
+    r_max = eng.resolve(HardwareConfig(LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256,
+                                                   adc_bits=4)))
+    assert not np.any(adc_clipping_shift(lm, r_max["layer1.0.conv1"], 0.25 * ones, zeros, zeros)[0])

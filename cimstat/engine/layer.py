@@ -19,13 +19,13 @@ the tile's correlation inflation, computed once per weight config from ``M``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from cimstat.errors import EstimationError
-from cimstat.hardware import LayerConfig, ResolvedLayer, WeightEncoding
+from cimstat.hardware import LayerConfig, RangeMode, ResolvedLayer, WeightEncoding
 from cimstat.stats import ChannelDistribution
 
 from .adc import adc_code_limits, conversion_error, conversion_errors
@@ -37,7 +37,7 @@ from .sampled_adc import SampledError, adc_error_map, sampled_adc_error, sampled
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
-__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "CacheBudget", "ENGINE_CACHE_BYTES"]
+__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "adc_clipping_shift", "CacheBudget", "ENGINE_CACHE_BYTES"]
 
 CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64)
 ENGINE_CACHE_BYTES = 2 << 30
@@ -515,6 +515,18 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
     return out
 
 
+def _conversion_noise_terms(levels: list[np.ndarray], noise: DeviceNoise | None):
+    """``noise_terms(li, devs)`` of :func:`.sampled_adc.sampled_adc_error`: None without device noise, else the
+    device deviation's mean (signs applied) and variance per (C_out, K) for that conversion."""
+    def noise_terms(li: int, devs: tuple[int, ...]):
+        if noise is None:
+            return None
+        lv = levels[li][list(devs)]
+        sgn = np.array([1.0, -1.0]) if len(devs) == 2 else np.array([1.0])
+        return np.tensordot(sgn, noise.slice_bias(lv, li), axes=1), noise.slice_var(lv, li).sum(0)
+    return noise_terms
+
+
 def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise | None, scale: np.ndarray,
                        error: dict, white: dict, gain: dict, offset: dict, precise: bool = False) -> np.ndarray | None:
     """ADC quantization and thermal-noise terms from the layer's input sample (:mod:`.sampled_adc`); returns
@@ -527,13 +539,7 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
                               f"(input slices, weight slices) = {(n_in, len(cfg.weight_slices()))}")
     levels = model.levels(cfg)
     convs = _conversions(levels, cfg)
-
-    def noise_terms(li: int, devs: tuple[int, ...]):
-        if noise is None:
-            return None
-        lv = levels[li][list(devs)]
-        sgn = np.array([1.0, -1.0]) if len(devs) == 2 else np.array([1.0])
-        return np.tensordot(sgn, noise.slice_bias(lv, li), axes=1), noise.slice_var(lv, li).sum(0)
+    noise_terms = _conversion_noise_terms(levels, noise)
 
     def run(sigma: float) -> SampledError:
         key = ("sadc", repr(cfg), signed, x_range, table.tobytes(), sigma)
@@ -701,3 +707,55 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
         offset[ErrorSource.ADC_THERMAL_NOISE] = scale * mean_t
     return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
                          fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps)
+
+
+CLIPPING_EXTRA_BITS = 6
+"""Bits added to the ADC (same full-scale range, so a 64x finer step) to isolate its clipping from its rounding
+in :func:`adc_clipping_shift`."""
+
+CLIPPING_SAMPLE_ROWS = 2048
+"""Most input-sample vectors (evenly strided) :func:`adc_clipping_shift` evaluates: the shift is a smooth average."""
+
+OPERATING_POINT_SEED = 0
+"""Seed of the fixed standard-normal pattern ``ξ`` of :func:`adc_clipping_shift`: drawn the same way at every call,
+so the estimate is a deterministic function of the probes and the config (a fixed set of nodes, not sampling)."""
+
+
+def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.ndarray, beta: np.ndarray,
+                       sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Change of the layer's ADC gain ``a_c`` and offset ``m_c`` (output units) when its inputs move from the
+    probed clean ones ``x`` to ``α_i·x + β_i + sd_i·ξ`` (per input channel ``i``: the regression of the noisy
+    network's input on the clean one and the spread around it, from :mod:`.meanfield`).
+
+    The probed gain describes clipping at the clean network's operating point. Where upstream errors shrink the
+    image-specific part of the activations (ADC thermal noise, collapse), fewer partial sums reach the clipping
+    level and the clipping gain falls toward 0 (measured on the default model, thermal4-adc6: the Monte Carlo's
+    own layer3.0.downsample.0 gain is -0.048 against a clean-input -0.121). Only the clipping part moves:
+    ``Δa = a_clip(shifted sample) - a_clip(clean sample)``, both with an ADC of :data:`CLIPPING_EXTRA_BITS` more
+    bits over the same range (the same thermal noise in partial-sum units, no device noise: that it widens the
+    partial sums is a second-order change of the shift); the rounding part keeps its probed
+    value (a max-range 8-bit ADC's dead zone, adc8-max-bitserial: the Monte Carlo's gains in the collapsed
+    network are within 0.1 of the clean ones, where re-evaluating the rounding on the shifted sample said 0.3
+    less). ``ξ``: a fixed standard-normal pattern (:data:`OPERATING_POINT_SEED`) the shape of the input sample.
+    Zero where the layer has no input sample or no ADC, and under a max-range ADC (``adc_range="max"``: every
+    partial sum is within range; only noise tails can clip, at the same rate at any operating point)."""
+    cfg, ranges = resolved.config, resolved.ranges
+    c_out = model.weight.shape[0]
+    if model.input_sample is None or cfg.adc_bits is None or cfg.adc_range is RangeMode.MAX:
+        return np.zeros(c_out), np.zeros(c_out)
+    signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
+    table = np.asarray(ranges.adc_range, dtype=np.float64)
+    fine = replace(cfg, adc_bits=cfg.adc_bits + CLIPPING_EXTRA_BITS)
+    sigma = float(cfg.adc_thermal_noise_lsb) * (adc_code_limits(fine.adc_bits, cfg.adc_signed)[1]
+                                                / adc_code_limits(cfg.adc_bits, cfg.adc_signed)[1])
+    convs = _conversions(model.levels(cfg), cfg)
+    sample = np.asarray(model.input_sample[::-(-len(model.input_sample) // CLIPPING_SAMPLE_ROWS)], dtype=np.float64)
+
+    def clip_terms(x: np.ndarray) -> SampledError:  # device noise left out: the clipping of the partial sums
+        return sampled_adc_error(x, model.weight, fine, signed, x_range, table, convs, lambda li, devs: None, sigma)
+    clean = model.cached(("sadc clip", repr(cfg), signed, x_range, table.tobytes()), lambda: clip_terms(sample))
+    ch = model.channel_of_row
+    xi = np.random.default_rng(OPERATING_POINT_SEED).standard_normal(sample.shape)
+    moved = clip_terms(sample * alpha[ch] + beta[ch] + sd[ch] * xi)
+    scale = model.plan(cfg, signed, x_range).step * model.weights(cfg).step
+    return scale * (moved.gain - clean.gain), scale * (moved.offset - clean.offset)

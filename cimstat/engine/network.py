@@ -39,6 +39,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Mapping
 
 import numpy as np
@@ -47,7 +48,7 @@ from cimstat.accuracy import top1 as predicted_top1
 from cimstat.errors import EstimationError
 from cimstat.hardware import HardwareConfig, ResolvedLayer, load_config
 
-from .layer import ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, estimate_layer
+from .layer import ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, adc_clipping_shift, estimate_layer
 from .meanfield import MEANFIELD_IMAGES, MEANFIELD_INPUT_ELEMENTS, LayerPerturbation, MeanFieldNetwork
 from cimstat.metrics import snr_db
 
@@ -443,7 +444,10 @@ class Engine:
             if cfg.weight_bits is not None:  # weight rounding is one fixed draw: applied exactly
                 weight = lm.weights(cfg).dequantized
                 rest = rest - le.error[ErrorSource.WEIGHT_QUANTIZATION]
-            perturb[name] = LayerPerturbation(a, m, np.maximum(rest, 0.0), weight)
+            # the ADC clipping of the sampled route, moved to the noisy network's operating point
+            moved = (partial(adc_clipping_shift, lm, resolved[name])
+                     if ErrorSource.ADC_QUANTIZATION in le.gain and lm.input_sample is not None else None)
+            perturb[name] = LayerPerturbation(a, m, np.maximum(rest, 0.0), weight, moved)
         mean, var = net.moments(perturb)
         z, y = self.logits[:len(mean)], self.labels[:len(mean)]
         fc = snr_db(float((z ** 2).sum(1).mean()), float(((mean - z) ** 2 + var).sum(1).mean()))
