@@ -218,3 +218,18 @@ def test_adc_clipping_shift_is_zero_at_the_clean_operating_point_and_undoes_clip
     r_max = eng.resolve(HardwareConfig(LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256,
                                                    adc_bits=4)))
     assert not np.any(adc_clipping_shift(lm, r_max["layer1.0.conv1"], 0.25 * ones, zeros, zeros)[0])
+
+
+def test_padding_taps_are_the_convolutions_zero_padding():
+    """On post-ReLU feature maps with few all-zero positions, the geometric padding mask of im2col vectors is the
+    unfold of a ones tensor's zeros, for padding 1 and 2 (3x3 and 5x5 kernels)."""
+    from cimstat.engine.layer import padding_taps
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(3, 4, 6, 6, generator=gen) + 1.0)
+    for k, p in ((3, 1), (5, 2)):
+        vecs = torch.nn.functional.unfold(x, k, padding=p).transpose(1, 2).reshape(-1, 4 * k * k).numpy()
+        ones = torch.nn.functional.unfold(torch.ones(3, 4, 6, 6), k, padding=p).transpose(1, 2).reshape(-1, 4 * k * k)
+        np.testing.assert_array_equal(padding_taps(vecs, (k, k), (p, p)), ones.numpy() == 0)
+    vecs = torch.nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, 36).numpy()
+    assert not padding_taps(vecs, (3, 3), (0, 0)).any()

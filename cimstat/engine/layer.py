@@ -37,7 +37,7 @@ from .sampled_adc import SampledError, adc_error_map, sampled_adc_error, sampled
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
-__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "adc_clipping_shift", "CacheBudget", "ENGINE_CACHE_BYTES"]
+__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "adc_clipping_shift", "padding_taps", "CacheBudget", "ENGINE_CACHE_BYTES"]
 
 CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64)
 ENGINE_CACHE_BYTES = 2 << 30
@@ -721,6 +721,27 @@ OPERATING_POINT_SEED = 0
 so the estimate is a deterministic function of the probes and the config (a fixed set of nodes, not sampling)."""
 
 
+def padding_taps(sample: np.ndarray, kernel_size: tuple[int, int], padding: tuple[int, int]) -> np.ndarray:
+    """(S, K) bool: the entries of im2col vectors (rows in (C_in, kh, kw) order) that are a convolution's zero
+    padding, told by geometry (the sample keeps no positions): a kernel row or column at the border that is 0 in
+    every input channel, contiguous from the edge and at most ``padding`` deep. A border row of genuine zeros in
+    every channel counts as padding too."""
+    kh, kw = kernel_size
+    ph, pw = padding
+    n = len(sample)
+    zero = (np.asarray(sample).reshape(n, -1, kh, kw) == 0).all(1)      # (S, kh, kw): 0 in every channel
+    rows, cols = zero.all(2), zero.all(1)
+    pad = np.zeros((n, kh, kw), dtype=bool)
+    for d in range(min(ph, kh)):
+        pad[:, d, :] |= rows[:, :d + 1].all(1)[:, None]                  # top
+        pad[:, kh - 1 - d, :] |= rows[:, kh - 1 - d:].all(1)[:, None]    # bottom
+    for d in range(min(pw, kw)):
+        pad[:, :, d] |= cols[:, :d + 1].all(1)[:, None]                  # left
+        pad[:, :, kw - 1 - d] |= cols[:, kw - 1 - d:].all(1)[:, None]    # right
+    c_in = sample.shape[1] // (kh * kw)
+    return np.broadcast_to(pad[:, None], (n, c_in, kh, kw)).reshape(n, -1)
+
+
 def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.ndarray, beta: np.ndarray,
                        sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Change of the layer's ADC gain ``a_c`` and offset ``m_c`` (output units) when its inputs move from the
@@ -736,7 +757,10 @@ def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.nda
     partial sums is a second-order change of the shift); the rounding part keeps its probed
     value (a max-range 8-bit ADC's dead zone, adc8-max-bitserial: the Monte Carlo's gains in the collapsed
     network are within 0.1 of the clean ones, where re-evaluating the rounding on the shifted sample said 0.3
-    less). ``ξ``: a fixed standard-normal pattern (:data:`OPERATING_POINT_SEED`) the shape of the input sample.
+    less). ``ξ``: a fixed standard-normal pattern (:data:`OPERATING_POINT_SEED`) the shape of the input sample;
+    ``sd``: the root mean variance of the noisy input (the spread of the means around the fit is left out). The
+    convolution's zero padding (:func:`padding_taps`) stays 0. Unsigned inputs are clipped at 0 by the input
+    quantizer, so where ``sd`` is large against ``β`` the moved sample's mean is above ``α·x + β`` (up to ~0.4·sd).
     Zero where the layer has no input sample or no ADC, and under a max-range ADC (``adc_range="max"``: every
     partial sum is within range; only noise tails can clip, at the same rate at any operating point)."""
     cfg, ranges = resolved.config, resolved.ranges
@@ -756,6 +780,9 @@ def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.nda
     clean = model.cached(("sadc clip", repr(cfg), signed, x_range, table.tobytes()), lambda: clip_terms(sample))
     ch = model.channel_of_row
     xi = np.random.default_rng(OPERATING_POINT_SEED).standard_normal(sample.shape)
-    moved = clip_terms(sample * alpha[ch] + beta[ch] + sd[ch] * xi)
+    moved_sample = sample * alpha[ch] + beta[ch] + sd[ch] * xi
+    if model.stats.kind == "conv" and any(model.stats.padding):
+        moved_sample[padding_taps(sample, model.stats.kernel_size, model.stats.padding)] = 0.0
+    moved = clip_terms(moved_sample)
     scale = model.plan(cfg, signed, x_range).step * model.weights(cfg).step
     return scale * (moved.gain - clean.gain), scale * (moved.offset - clean.offset)

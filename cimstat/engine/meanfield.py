@@ -109,8 +109,9 @@ def operating_point(clean: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) 
     dims = [0] + list(range(2, clean.dim()))
     x, m = clean.double(), mean.double()
     ex, em = x.mean(dims), m.mean(dims)
-    vx = x.square().mean(dims) - ex.square()
-    cxm = (x * m).mean(dims) - ex * em
+    xc = x - ex.reshape(_channel_shape(x))
+    vx = xc.square().mean(dims)
+    cxm = (xc * m).mean(dims)
     alpha = torch.where(vx > 0, cxm / vx.clamp_min(1e-300), torch.zeros_like(vx))
     beta = em - alpha * ex
     sd = var.double().clamp_min(0).mean(dims).sqrt()
@@ -189,13 +190,18 @@ class MeanFieldNetwork:
             return clean[a.name] if isinstance(a, torch.fx.Node) else a
         for node in self.gm.graph.nodes:
             if clean is not None and node.op in ("call_module", "call_function", "call_method"):
-                args = [clean_arg(a) for a in node.args]
-                if node.op == "call_module":
-                    clean[node.name] = self.modules[node.target](*args)
+                args = torch.fx.node.map_arg(node.args, clean_arg)
+                kwargs = {k: v for k, v in torch.fx.node.map_arg(node.kwargs, clean_arg).items() if k != "inplace"}
+                mod = self.modules.get(node.target) if node.op == "call_module" else None
+                if (isinstance(mod, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu))
+                        or (node.op == "call_method" and node.target == "relu")):
+                    clean[node.name] = torch.relu(args[0])   # not in place: its input may have other users
+                elif node.op == "call_module":
+                    clean[node.name] = mod(*args, **kwargs)
                 elif node.op == "call_function":
-                    clean[node.name] = node.target(*args, **node.kwargs)
+                    clean[node.name] = node.target(*args, **kwargs)
                 else:
-                    clean[node.name] = getattr(args[0], node.target)(*args[1:], **node.kwargs)
+                    clean[node.name] = getattr(args[0], node.target)(*args[1:], **kwargs)
             elif clean is not None and node.op == "placeholder":
                 clean[node.name] = x
             if node.op == "placeholder":

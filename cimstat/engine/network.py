@@ -46,7 +46,7 @@ import numpy as np
 
 from cimstat.accuracy import top1 as predicted_top1
 from cimstat.errors import EstimationError
-from cimstat.hardware import HardwareConfig, ResolvedLayer, load_config
+from cimstat.hardware import HardwareConfig, RangeMode, ResolvedLayer, load_config
 
 from .layer import ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, adc_clipping_shift, estimate_layer
 from .meanfield import MEANFIELD_IMAGES, MEANFIELD_INPUT_ELEMENTS, LayerPerturbation, MeanFieldNetwork
@@ -446,7 +446,8 @@ class Engine:
                 rest = rest - le.error[ErrorSource.WEIGHT_QUANTIZATION]
             # the ADC clipping of the sampled route, moved to the noisy network's operating point
             moved = (partial(adc_clipping_shift, lm, resolved[name])
-                     if ErrorSource.ADC_QUANTIZATION in le.gain and lm.input_sample is not None else None)
+                     if (ErrorSource.ADC_QUANTIZATION in le.gain and lm.input_sample is not None
+                         and cfg.adc_range is not RangeMode.MAX) else None)
             perturb[name] = LayerPerturbation(a, m, np.maximum(rest, 0.0), weight, moved)
         mean, var = net.moments(perturb)
         z, y = self.logits[:len(mean)], self.labels[:len(mean)]
