@@ -165,7 +165,8 @@ class _NoBias(nn.Module):
 
 def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
     """lin1 halves its outputs: lin2's input is relu(h/2) = relu(h)/2, so lin2 is told α = 1/2, β = 0, sd = 0
-    (over all images at once, not per batch), and its returned gain and offset changes are applied."""
+    (once, over the first ``fit_images`` images, not per batch), and its returned gain and offset changes are
+    applied to every image, those of the later batches too."""
     torch.manual_seed(4)
     model = _NoBias().eval()
     x = torch.randn(7, 6)
@@ -174,7 +175,7 @@ def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
     def moved(alpha, beta, sd):
         seen.append((alpha, beta, sd))
         return np.full(3, 0.1), np.array([0.2, 0.0, -0.3])
-    net = MeanFieldNetwork(torch.fx.symbolic_trace(model), x, batch_size=2)
+    net = MeanFieldNetwork(torch.fx.symbolic_trace(model), x, batch_size=2, fit_images=3)
     mean, var = net.moments({"lin1": LayerPerturbation(np.full(5, -0.5), np.zeros(5), np.zeros(5)),
                              "lin2": LayerPerturbation(np.zeros(3), np.zeros(3), np.zeros(3), operating_point=moved)})
     assert len(seen) == 1
@@ -182,7 +183,8 @@ def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
     with torch.no_grad():
         h = torch.relu(model.lin1(x))
         expected = (1.1 * model.lin2(h / 2)).double().numpy() + np.array([0.2, 0.0, -0.3])
-    live = h.std(0).numpy() > 0
+    live = h[:3].std(0).numpy() > 0          # fitted on the first 3 images
+    assert live.sum() >= 3
     np.testing.assert_allclose(alpha[live], 0.5, atol=1e-5)
     np.testing.assert_allclose(beta, 0.0, atol=1e-6)
     assert np.all(sd == 0)
@@ -207,8 +209,10 @@ def test_adc_clipping_shift_is_zero_at_the_clean_operating_point_and_undoes_clip
     cfg = LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256, adc_bits=4,
                       adc_range="calibrated")
     r = eng.resolve(HardwareConfig(cfg))["layer1.0.conv1"]
-    d_gain, d_offset = adc_clipping_shift(lm, r, ones, zeros, zeros)
+    d_gain, d_offset, curves = adc_clipping_shift(lm, r, ones, zeros, zeros)
     assert np.all(d_gain == 0) and np.all(d_offset == 0)
+    y = np.linspace(-50.0, 50.0, 11)[None, :].repeat(lm.weight.shape[0], 0).T   # (11 outputs, C_out)
+    assert len(curves) == 2 and np.allclose(curves[0](y) + curves[1](y), 0.0)  # the curvature does not move
     clip_gain = eng.estimate(HardwareConfig(cfg)).layers["layer1.0.conv1"].gain[ErrorSource.ADC_QUANTIZATION]
     assert np.mean(clip_gain) < -0.01
     half = adc_clipping_shift(lm, r, 0.5 * ones, zeros, zeros)[0]
@@ -233,3 +237,75 @@ def test_padding_taps_are_the_convolutions_zero_padding():
         np.testing.assert_array_equal(padding_taps(vecs, (k, k), (p, p)), ones.numpy() == 0)
     vecs = torch.nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, 36).numpy()
     assert not padding_taps(vecs, (3, 3), (0, 0)).any()
+
+
+@pytest.mark.parametrize("pool, shape", [(nn.MaxPool2d(3, 2, 1), (2, 3, 8, 8)), (nn.MaxPool2d(2), (2, 3, 7, 7)),
+                                         (nn.MaxPool2d(3, 2, ceil_mode=True), (1, 2, 8, 8)),
+                                         (nn.MaxPool2d(3, 1, 1, dilation=2), (1, 2, 9, 9))])
+def test_max_pooling_keeps_the_noises_upward_bias(pool, shape):
+    """Max pooling of independent Gaussians: Clark's moments match 40,000 sampled maxima (padding never wins);
+    the element of largest mean would be off by ~0.5 here. Without noise it is the float max pooling."""
+    from cimstat.engine.meanfield import _max_pool_moments
+
+    gen = torch.Generator().manual_seed(6)
+    mean = torch.randn(shape, generator=gen)
+    var = 0.5 * torch.rand(shape, generator=gen)
+    m, v = _max_pool_moments(mean, var, pool)
+    draws = mean[None] + var.sqrt()[None] * torch.randn((40_000,) + shape, generator=gen)
+    sampled = pool(draws.flatten(0, 1)).reshape((40_000,) + tuple(m.shape))
+    assert (pool(mean) - sampled.mean(0)).abs().max() > 0.3   # the bias is there to be found
+    assert (m - sampled.mean(0)).abs().max() < 0.03
+    assert (v - sampled.var(0)).abs().max() < 0.08
+    m0, v0 = _max_pool_moments(mean, torch.zeros_like(var), pool)
+    assert torch.equal(m0, pool(mean)) and not v0.any()
+
+
+def test_channel_cubic_takes_the_clipping_beyond_the_linear_gain():
+    """The remainder of a hard clip after its least-squares gain and offset is mostly a cubic in y: the fit has
+    zero mean and no covariance with y over the sample, explains most of it, its energy is E[h²], and it holds its
+    edge value outside the sample's range; with a variance, the cubic's Gaussian expectation."""
+    from cimstat.engine.sampled_adc import ChannelCubic
+
+    rng = np.random.default_rng(7)
+    y = rng.normal(size=(20_000, 3)) * [1.0, 2.0, 3.0] + [0.0, 1.0, 2.0]
+    r = np.clip(y, -2.0, 2.0) - y
+    yc = y - y.mean(0)
+    r = r - r.mean(0) - yc * (yc * r).mean(0) / (yc * yc).mean(0)
+    cubic = ChannelCubic.fit(r, y, lambda a: a.mean(0))
+    h = cubic(y)
+    np.testing.assert_allclose(h.mean(0), 0.0, atol=1e-8)
+    np.testing.assert_allclose((h * yc).mean(0), 0.0, atol=1e-7)
+    np.testing.assert_allclose(cubic.energy, (h * h).mean(0), rtol=1e-10)
+    assert np.all(cubic.energy > 0.6 * (r * r).mean(0))
+    edge = y.max(0)
+    np.testing.assert_allclose(cubic(np.stack([edge, edge + 100.0])), cubic(np.stack([edge, edge])), rtol=1e-12)
+    t = torch.tensor(y[:5])
+    np.testing.assert_allclose(cubic(t).numpy(), h[:5], rtol=1e-12)
+    u0 = 0.3
+    y0 = cubic.center + u0 * cubic.spread
+    var = np.full(3, 0.01)
+    c = cubic.coef
+    exact = c[:, 0] + c[:, 1] * u0 + c[:, 2] * (u0 ** 2 + var / cubic.spread ** 2) + c[:, 3] * (
+        u0 ** 3 + 3 * u0 * var / cubic.spread ** 2)
+    np.testing.assert_allclose(cubic(y0[None], var[None]), exact[None], rtol=1e-10)
+    half = cubic.scaled(0.5, 2.0)
+    np.testing.assert_allclose(half(2.0 * y[:5]), 0.5 * h[:5], rtol=1e-12)
+
+
+def test_a_layers_curvature_goes_on_the_mean(block):
+    """A curvature term of the last layer adds ``h(W_eff x)`` to its mean (before gain and bias act on it)."""
+    x = torch.randn(5, 2, 8, 8)
+    net = MeanFieldNetwork(block, x)
+    seen = []
+
+    def bend(y):
+        seen.append(y.clone())
+        return 0.1 * y * y
+    pert = LayerPerturbation(gain=np.full(3, -0.2), offset=np.zeros(3), variance=np.zeros(3), curvature=(bend,))
+    mean, _ = net.moments({"fc": pert})
+    with torch.no_grad():
+        clean = block(x).double().numpy()
+    wx = seen[0].double().numpy()
+    np.testing.assert_allclose(wx, clean - block.fc.bias.detach().double().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, 0.8 * wx + 0.1 * wx * wx + block.fc.bias.detach().double().numpy(),
+                               rtol=1e-5, atol=1e-5)

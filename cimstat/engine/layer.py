@@ -33,7 +33,7 @@ from .device_noise import DeviceNoise, device_noise
 from .coherent import coherent_parts, split_coherent
 from .input_quantization import InputPlan, input_error_terms, input_plan
 from .moments import SecondMoment
-from .sampled_adc import SampledError, adc_error_map, sampled_adc_error, sampled_input_error
+from .sampled_adc import ChannelCubic, SampledError, adc_error_map, sampled_adc_error, sampled_input_error
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
@@ -121,6 +121,9 @@ class LayerEstimate:
     #: the precise ADC route (``LayerModel.adc_image_vectors``): the deterministic ADC quantization error of every
     #: output of the noise-propagation images, (N·P, C_out) image-major, output units; None on the default route
     adc_map: np.ndarray | None = None
+    #: per source, the deterministic error's part that is a cubic in the float output (output units; the sampled
+    #: ADC route, :class:`.sampled_adc.ChannelCubic`): the mean-field route applies it, the linear route does not
+    curvature: dict[ErrorSource, ChannelCubic] = field(default_factory=dict)
 
     @property
     def total(self) -> np.ndarray:
@@ -528,7 +531,8 @@ def _conversion_noise_terms(levels: list[np.ndarray], noise: DeviceNoise | None)
 
 
 def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise | None, scale: np.ndarray,
-                       error: dict, white: dict, gain: dict, offset: dict, precise: bool = False) -> np.ndarray | None:
+                       error: dict, white: dict, gain: dict, offset: dict, precise: bool = False,
+                       curvature: dict | None = None) -> np.ndarray | None:
     """ADC quantization and thermal-noise terms from the layer's input sample (:mod:`.sampled_adc`); returns
     the error map of the precise route (``LayerEstimate.adc_map``) or None."""
     signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
@@ -590,6 +594,8 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
     white[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * np.maximum(q_white, 0.0)
     gain[ErrorSource.ADC_QUANTIZATION] = scale * t.gain
     offset[ErrorSource.ADC_QUANTIZATION] = scale * t.offset
+    if curvature is not None and t.curvature is not None:
+        curvature[ErrorSource.ADC_QUANTIZATION] = t.curvature.scaled(scale)
     return None
 
 
@@ -693,10 +699,12 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
                                   "and weights")
         scale = plan.step * wq.step
         if model.input_sample is not None and cfg.adc_bits is not None:
-            adc_map = _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset, adc_per_image)
+            curvature: dict[ErrorSource, ChannelCubic] = {}
+            adc_map = _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset, adc_per_image,
+                                         curvature)
             return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
                                  fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps,
-                                 adc_map=adc_map)
+                                 adc_map=adc_map, curvature=curvature)
         var_q, var_t, mean_q, mean_t = _adc_error(model, cfg, ranges, plan, model.levels(cfg), noise)
         error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * (var_q + mean_q ** 2)
         error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * np.maximum(
@@ -743,8 +751,9 @@ def padding_taps(sample: np.ndarray, kernel_size: tuple[int, int], padding: tupl
 
 
 def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.ndarray, beta: np.ndarray,
-                       sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Change of the layer's ADC gain ``a_c`` and offset ``m_c`` (output units) when its inputs move from the
+                       sd: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[ChannelCubic, ...]]:
+    """Change of the layer's ADC gain ``a_c``, offset ``m_c`` (output units) and curvature (the cubic part,
+    :class:`.sampled_adc.ChannelCubic`: the moved sample's minus the clean one's, as two terms to add) when its inputs move from the
     probed clean ones ``x`` to ``α_i·x + β_i + sd_i·ξ`` (per input channel ``i``: the regression of the noisy
     network's input on the clean one and the spread around it, from :mod:`.meanfield`).
 
@@ -766,7 +775,7 @@ def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.nda
     cfg, ranges = resolved.config, resolved.ranges
     c_out = model.weight.shape[0]
     if model.input_sample is None or cfg.adc_bits is None or cfg.adc_range is RangeMode.MAX:
-        return np.zeros(c_out), np.zeros(c_out)
+        return np.zeros(c_out), np.zeros(c_out), ()
     signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
     table = np.asarray(ranges.adc_range, dtype=np.float64)
     fine = replace(cfg, adc_bits=cfg.adc_bits + CLIPPING_EXTRA_BITS)
@@ -785,4 +794,6 @@ def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.nda
         moved_sample[padding_taps(sample, model.stats.kernel_size, model.stats.padding)] = 0.0
     moved = clip_terms(moved_sample)
     scale = model.plan(cfg, signed, x_range).step * model.weights(cfg).step
-    return scale * (moved.gain - clean.gain), scale * (moved.offset - clean.offset)
+    curves = (() if moved.curvature is None or clean.curvature is None
+              else (moved.curvature.scaled(scale), clean.curvature.scaled(-scale)))
+    return scale * (moved.gain - clean.gain), scale * (moved.offset - clean.offset), curves

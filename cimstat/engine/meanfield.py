@@ -14,12 +14,17 @@ network's own graph (``torch.fx``), deterministically:
   squared error, and ``W_eff`` the quantized weights (weight rounding is one fixed draw, applied exactly);
 * an ADC's clipping at the noisy network's operating point: ``a_c`` and ``m_c`` were probed on clean inputs. Where
   the layer's perturbation has an ``operating_point``, the clean network is carried alongside, the layer's input
-  means are fitted per input channel as ``α·x_clean + β`` (:func:`operating_point`, over all the images at once)
-  and the clipping part of the ADC gain and offset is re-evaluated there
-  (:func:`cimstat.engine.layer.adc_clipping_shift`);
+  means are fitted per input channel as ``α·x_clean + β`` (:func:`operating_point`, over the first
+  :data:`OPERATING_POINT_IMAGES` images) and the clipping part of the ADC gain, offset and curvature (below) is
+  re-evaluated there (:func:`cimstat.engine.layer.adc_clipping_shift`);
+* the ADC error's part that is nonlinear in the layer's output (clipping beyond the linear gain): a per-channel
+  cubic ``h_c(W_eff μ)`` fitted on the probed input sample (:class:`cimstat.engine.sampled_adc.ChannelCubic`), added
+  to the mean, its energy taken out of ``v_c``. Max pooling picks the largest outputs, where that error sits: with
+  the linear gain alone the error after conv1's max pooling was 0.070 of the signal against the Monte Carlo's
+  0.107 (thermal4-adc6), with the cubic 0.108;
 * ReLU: the rectified-Gaussian moments ``E[max(0, X)] = μΦ(μ/σ) + σφ(μ/σ)``,
   ``E[max(0, X)²] = (μ² + v)Φ(μ/σ) + μσφ(μ/σ)``: the drift and the shrinkage;
-* max pooling: the element of largest mean, with its variance;
+* max pooling: Clark's moments of the maximum of independent Gaussians, folded over the window;
 * residual additions, average pooling and the classifier: means add linearly, variances as for independent
   elements.
 
@@ -29,18 +34,16 @@ logits ``z``, top-1 by the quadrature of :mod:`cimstat.accuracy` with per-image 
 Assumptions: elements independent (the variance of a sum is the sum of the variances); errors Gaussian at every
 ReLU. Errors fixed on a chip but random between chips (programming error) are correlated across the positions of
 a feature map, which independence underrates at pooling: on the validation sweep the programming-error collapse
-configurations come out 4-5 pp optimistic (collapse-w4-prog5%: 83.7 % against the Monte Carlo's 79.9; 79.6 with no
-variance shrinkage at the average pooling at all, the fully correlated bound). ADC thermal noise of 4 LSB
-(thermal4-adc6) came out 25 pp pessimistic with the clean-input ADC gains (19.6 % against 44.8) and is 21 pp
-optimistic with the clipping moved to the operating point (66.3 %): from layer1.0.conv1 on the route's end-to-end
-SNR is ~1 dB above the Monte Carlo's (6.4 against 5.4 dB there), where its input's max pooling, taken as the
-element of largest mean, leaves out the noise's upward bias of the maximum.
+configurations come out 4-5 pp optimistic (prog5%-state-indep-w4slices 95.2 % against the Monte Carlo's 90.7,
+collapse-w4-prog5% 84.1 against 79.9). The route's top-1 is over the probe images and the Monte Carlo's over
+other images: at 40-90 % accuracy the two samples alone differ by a few points (thermal4-adc6: 42.1 % on the
+1,000 probe images, 43.2 % on the Monte Carlo's 1,000 validation images, which measure 44.9 ± 1.6).
 """
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -50,17 +53,23 @@ from torch import nn
 
 from cimstat.errors import EstimationError
 
-__all__ = ["LayerPerturbation", "MeanFieldNetwork", "relu_moments", "operating_point", "MEANFIELD_IMAGES", "MEANFIELD_INPUT_ELEMENTS"]
+__all__ = ["LayerPerturbation", "MeanFieldNetwork", "relu_moments", "operating_point", "MEANFIELD_IMAGES", "MEANFIELD_INPUT_ELEMENTS",
+           "OPERATING_POINT_IMAGES"]
 
-MEANFIELD_IMAGES = 500
-"""Probe images the mean-field route runs over (at most; all the probe set has if fewer). Top-1 in the collapse
-regime varies by several points between image samples of a few hundred (weight_bits=3, where the route is exact:
-61.4 % on 256 probe images, 67.0 % on 500 validation images; the binomial error of 500 images at 50 % is 2.2 pp);
-500 images of the default model took 4.6 s on two cores (``Engine(meanfield_images=)`` to change)."""
+MEANFIELD_IMAGES = 1000
+"""Probe images the mean-field route runs over (at most; all the probe set has if fewer: the default probe split
+is 1,000). Top-1 in the collapse regime is an average over images, and image samples of a few hundred differ by
+several points (the binomial error of 500 images at 50 % is 2.2 pp; measured on the default model, thermal4-adc6:
+the route says 40.4 % on the first 500 probe images, 41.9 % on all 1,000 and 43.2 % on the Monte Carlo's 1,000
+validation images). ``Engine(meanfield_images=)`` to change."""
 
-MEANFIELD_INPUT_ELEMENTS = 500 * 3 * 64 * 64
-"""Most input elements the route runs over: 500 default-model images (3x64x64), 40 at 3x224x224 (ImageNet), whose
+MEANFIELD_INPUT_ELEMENTS = 1000 * 3 * 64 * 64
+"""Most input elements the route runs over: 1,000 default-model images (3x64x64), 80 at 3x224x224 (ImageNet), whose
 forward passes cost about 12x as much each."""
+
+OPERATING_POINT_IMAGES = 250
+"""Images (the first of the route's) on which each layer's operating point is fitted (:func:`operating_point`):
+a per-channel regression over images and positions, settled well before 250 images."""
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -77,7 +86,11 @@ class LayerPerturbation:
     #: layer's input sits at the noisy network's operating point, given per input channel the regression
     #: ``E[x_noisy] ≈ α·x_clean + β`` over the images and positions and ``sd`` the root mean of the noisy input's
     #: variance (e.g. :func:`cimstat.engine.layer.adc_clipping_shift`)
-    operating_point: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    operating_point: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple] | None = None
+    #: the deterministic error's part nonlinear in ``y = W_eff x`` (output units; terms added), each a callable
+    #: ``h(y, var) -> E[h(Y)]`` per element, ``Y ~ N(y, var)`` (e.g. :class:`.sampled_adc.ChannelCubic`); its
+    #: energy is not in ``variance``. ``operating_point`` may return further terms as a third element
+    curvature: tuple = ()
 
 
 def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +105,46 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
     return m1, m2.sub_(m1.square()).clamp_min_(0)
 
 
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _clark_max(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``max(X1, X2)`` for independent ``X_i ~ N(m_i, v_i)`` (Clark 1961):
+    ``a = sqrt(v1 + v2)``, ``α = (m1 - m2)/a``, ``E = m1Φ(α) + m2Φ(-α) + aφ(α)``,
+    ``E[·²] = (m1² + v1)Φ(α) + (m2² + v2)Φ(-α) + (m1 + m2)aφ(α)``. A mean of ``-inf`` (padding) is never the max."""
+    inf1, inf2 = torch.isneginf(m1), torch.isneginf(m2)
+    f1, f2 = m1.masked_fill(inf1, 0.0), m2.masked_fill(inf2, 0.0)
+    a = (v1 + v2).clamp_min(0).sqrt()
+    alpha = torch.where(a > 0, (f1 - f2) / a.clamp_min(1e-30), (f1 >= f2).to(a.dtype).mul(2).sub(1).mul(math.inf))
+    cdf = torch.special.ndtr(alpha)
+    cdf_neg = 1.0 - cdf
+    a_pdf = torch.where(torch.isfinite(alpha), a * torch.exp(-0.5 * alpha.square()) * _INV_SQRT_2PI, 0.0)
+    e1 = f1 * cdf + f2 * cdf_neg + a_pdf
+    e2 = (f1.square() + v1) * cdf + (f2.square() + v2) * cdf_neg + (f1 + f2) * a_pdf
+    var = (e2 - e1.square()).clamp_min(0)
+    return (torch.where(inf2, m1, torch.where(inf1, m2, e1)), torch.where(inf2, v1, torch.where(inf1, v2, var)))
+
+
 def _max_pool_moments(mean: torch.Tensor, var: torch.Tensor, pool: nn.MaxPool2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max pooling of Gaussians, as the element of largest mean: the maximum's upward bias from the noise is left
-    out (Clark's pairwise moments over the window, tried on the validation sweep's collapse configurations, moved
-    top-1 by under 1.5 pp and took half the route's time)."""
-    out, idx = F.max_pool2d(mean, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
-                            return_indices=True)
-    return out, var.flatten(2).gather(2, idx.flatten(2)).reshape(out.shape)
+    """Max pooling of independent Gaussians: Clark's pairwise moments folded over the window's elements in order
+    (:func:`_clark_max`), the padding ``-inf``. It keeps the noise's upward bias of the maximum (with the window's
+    element of largest mean instead, thermal4-adc6 came out 21 pp optimistic: the layer after the pooling saw too
+    small an input, and its calibrated ADC too little clipping)."""
+    k, s, p, d = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
+                  _pair(pool.dilation))
+    out_hw = F.max_pool2d(mean[:1, :1], k, s, p, d, pool.ceil_mode).shape[-2:]
+    span = [dd * (kk - 1) + 1 for dd, kk in zip(d, k)]
+    need = [(o - 1) * st + sp for o, st, sp in zip(out_hw, s, span)]
+    h, w = mean.shape[-2:]
+    pad = (p[1], max(need[1] - w - p[1], 0), p[0], max(need[0] - h - p[0], 0))
+    windows = [t.unfold(2, span[0], s[0]).unfold(3, span[1], s[1])[..., ::d[0], ::d[1]]
+               for t in (F.pad(mean, pad, value=-math.inf), F.pad(var, pad, value=0.0))]
+    mu, vv = (t[:, :, :out_hw[0], :out_hw[1]].flatten(4) for t in windows)
+    m, v = mu[..., 0], vv[..., 0]
+    for j in range(1, mu.shape[-1]):
+        m, v = _clark_max(m, v, mu[..., j], vv[..., j])
+    return m.contiguous(), v.contiguous()
 
 
 def _channel_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -128,15 +174,28 @@ class MeanFieldNetwork:
 
     _PASS_METHODS = ("flatten", "view", "reshape", "contiguous")
 
-    def __init__(self, graph_module: torch.fx.GraphModule, images: torch.Tensor, batch_size: int = 250):
+    def __init__(self, graph_module: torch.fx.GraphModule, images: torch.Tensor, batch_size: int = 250,
+                 fit_images: int | None = None):
         if not isinstance(graph_module, torch.fx.GraphModule):
             raise EstimationError("mean-field route: the folded model is not a torch.fx graph (it could not be traced)")
         self.gm = graph_module.eval()
         self.images = images.to(torch.float32)
         self.batch_size = int(batch_size)
+        #: images the operating points are fitted on (the first ones; :data:`OPERATING_POINT_IMAGES`)
+        self.fit_images = OPERATING_POINT_IMAGES if fit_images is None else int(fit_images)
         self.modules = dict(self.gm.named_modules())
-        for node in self.gm.graph.nodes:
+        nodes = list(self.gm.graph.nodes)
+        for node in nodes:
             self._check(node)
+        # before node i runs, the values no node from i on reads are dropped (memory: one batch's live values)
+        last = {}
+        for i, node in enumerate(nodes):
+            for a in node.all_input_nodes:
+                last[a.name] = i
+        self._last_inputs: list[list[str]] = [[] for _ in nodes]
+        for name, i in last.items():
+            if i + 1 < len(nodes):
+                self._last_inputs[i + 1].append(name)
 
     def _check(self, node: torch.fx.Node) -> None:
         ok = node.op in ("placeholder", "output", "get_attr")
@@ -155,7 +214,7 @@ class MeanFieldNetwork:
                                   "residual addition, flatten")
 
     def _layer(self, mod: nn.Module, mean: torch.Tensor, var: torch.Tensor, pert: LayerPerturbation | None,
-               clean: torch.Tensor | None = None):
+               clean: torch.Tensor | None = None, fitted: dict | None = None):
         weight = mod.weight
         if pert is not None and pert.weight is not None:
             weight = torch.from_numpy(np.array(pert.weight, dtype=np.float32)).reshape(weight.shape)
@@ -168,18 +227,25 @@ class MeanFieldNetwork:
         y, v = op(mean, weight), op(var, weight * weight)
         shape = _channel_shape(y)
         if pert is not None:
-            gain, offset = pert.gain, pert.offset
+            gain, offset, curves = pert.gain, pert.offset, tuple(pert.curvature)
             if pert.operating_point is not None and clean is not None:
-                d_gain, d_offset = pert.operating_point(*operating_point(clean, mean, var))
+                d_gain, d_offset, *more = pert.operating_point(*operating_point(clean, mean, var))
+                if fitted is not None:
+                    fitted[id(pert)] = (d_gain, d_offset, tuple(more[0]) if more else ())
                 gain, offset = gain + d_gain, offset + d_offset
+                curves = curves + (tuple(more[0]) if more else ())
             a = 1.0 + torch.as_tensor(gain, dtype=torch.float32).reshape(shape)
-            y = a * y + torch.as_tensor(offset, dtype=torch.float32).reshape(shape)
+            bent = sum((h(y) for h in curves), torch.zeros_like(y)) if curves else 0.0
+            y = a * y + torch.as_tensor(offset, dtype=torch.float32).reshape(shape) + bent
             v = a * a * v + torch.as_tensor(pert.variance, dtype=torch.float32).clamp_min(0).reshape(shape)
         if mod.bias is not None:
             y = y + mod.bias.reshape(shape)
         return y, v
 
-    def _run(self, x: torch.Tensor, perturbations: Mapping[str, LayerPerturbation]):
+    def _run(self, x: torch.Tensor, perturbations: Mapping[str, LayerPerturbation], fitted: dict | None = None):
+        """The logits' ``(mean, variance)`` for images ``x``; where a perturbation has an ``operating_point``,
+        the clean network runs alongside and the shifts it gives are stored in ``fitted`` (by ``id`` of the
+        perturbation) when given. Every value is dropped after its last use."""
         env: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # the clean network's values alongside, where a layer's perturbation depends on its operating point
         clean: dict[str, torch.Tensor] | None = (
@@ -190,7 +256,11 @@ class MeanFieldNetwork:
 
         def clean_arg(a):
             return clean[a.name] if isinstance(a, torch.fx.Node) else a
-        for node in self.gm.graph.nodes:
+        for index, node in enumerate(self.gm.graph.nodes):
+            for done in self._last_inputs[index]:
+                env.pop(done, None)
+                if clean is not None:
+                    clean.pop(done, None)
             if clean is not None and node.op in ("call_module", "call_function", "call_method"):
                 args = torch.fx.node.map_arg(node.args, clean_arg)
                 kwargs = {k: v for k, v in torch.fx.node.map_arg(node.kwargs, clean_arg).items() if k != "inplace"}
@@ -217,7 +287,7 @@ class MeanFieldNetwork:
                 m, v = env[node.args[0].name]
                 if isinstance(mod, (nn.Conv2d, nn.Linear)):
                     env[node.name] = self._layer(mod, m, v, perturbations.get(node.target),
-                                                 None if clean is None else clean[node.args[0].name])
+                                                 None if clean is None else clean[node.args[0].name], fitted)
                 elif isinstance(mod, nn.ReLU):
                     env[node.name] = relu_moments(m, v)
                 elif isinstance(mod, nn.MaxPool2d):
@@ -251,14 +321,27 @@ class MeanFieldNetwork:
         raise EstimationError("mean-field route: the graph has no output")
 
     def moments(self, perturbations: Mapping[str, LayerPerturbation]) -> tuple[np.ndarray, np.ndarray]:
-        """``(mean, variance)`` of the logits, ``(N, n_classes)`` float64 each, over the probe images."""
+        """``(mean, variance)`` of the logits, ``(N, n_classes)`` float64 each, over the probe images.
+
+        Operating points (:attr:`LayerPerturbation.operating_point`) are fitted on the first
+        :data:`OPERATING_POINT_IMAGES` images (one batch, the clean network alongside); the other images run in
+        batches with the shifts found there."""
         means, variances = [], []
-        # operating points are fitted over all the images at once (one batch)
-        batch = (len(self.images) if any(p.operating_point is not None for p in perturbations.values())
-                 else self.batch_size)
+        start = 0
         with torch.no_grad():
-            for i in range(0, len(self.images), max(batch, 1)):
-                m, v = self._run(self.images[i:i + batch], perturbations)
+            if any(p.operating_point is not None for p in perturbations.values()):
+                fitted: dict[int, tuple] = {}
+                start = min(len(self.images), max(self.fit_images, 1))
+                m, v = self._run(self.images[:start], perturbations, fitted)
+                means.append(m.double())
+                variances.append(v.double())
+                perturbations = {
+                    name: (p if id(p) not in fitted else
+                           replace(p, gain=p.gain + fitted[id(p)][0], offset=p.offset + fitted[id(p)][1],
+                                   curvature=tuple(p.curvature) + fitted[id(p)][2], operating_point=None))
+                    for name, p in perturbations.items()}
+            for i in range(start, len(self.images), max(self.batch_size, 1)):
+                m, v = self._run(self.images[i:i + self.batch_size], perturbations)
                 means.append(m.double())
                 variances.append(v.double())
         return torch.cat(means).numpy(), torch.cat(variances).numpy()

@@ -448,7 +448,10 @@ class Engine:
             moved = (partial(adc_clipping_shift, lm, resolved[name])
                      if (ErrorSource.ADC_QUANTIZATION in le.gain and lm.input_sample is not None
                          and cfg.adc_range is not RangeMode.MAX) else None)
-            perturb[name] = LayerPerturbation(a, m, np.maximum(rest, 0.0), weight, moved)
+            # the ADC error's part that is a cubic in the output (clipping beyond the linear gain) goes on the means
+            curves = tuple(le.curvature.values())
+            rest = rest - sum((c.energy for c in curves), np.zeros(c_out))
+            perturb[name] = LayerPerturbation(a, m, np.maximum(rest, 0.0), weight, moved, curves)
         mean, var = net.moments(perturb)
         z, y = self.logits[:len(mean)], self.labels[:len(mean)]
         fc = snr_db(float((z ** 2).sum(1).mean()), float(((mean - z) ** 2 + var).sum(1).mean()))
