@@ -309,3 +309,28 @@ def test_a_layers_curvature_goes_on_the_mean(block):
     np.testing.assert_allclose(wx, clean - block.fc.bias.detach().double().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mean, 0.8 * wx + 0.1 * wx * wx + block.fc.bias.detach().double().numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+class _ConvPoolFc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1)
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avg(self.conv(x)), 1))
+
+
+def test_errors_fixed_on_the_chip_do_not_average_out_over_positions():
+    """The same variance on conv's outputs: per read it shrinks 1/n at the 4x4 average pooling; fixed on the chip
+    (one weight draw for every position) it does not, so the logits' variance is 16x as large."""
+    torch.manual_seed(8)
+    gm = torch.fx.symbolic_trace(_ConvPoolFc().eval())
+    x = torch.randn(3, 2, 4, 4)
+    net = MeanFieldNetwork(gm, x)
+    var = np.array([0.2, 0.5, 1.0])
+    m_read, v_read = net.moments({"conv": LayerPerturbation(np.zeros(3), np.zeros(3), var)})
+    m_fixed, v_fixed = net.moments({"conv": LayerPerturbation(np.zeros(3), np.zeros(3), var, fixed_variance=var)})
+    np.testing.assert_allclose(m_fixed, m_read, rtol=1e-6)
+    np.testing.assert_allclose(v_fixed, 16 * v_read, rtol=1e-5)

@@ -67,6 +67,10 @@ MEANFIELD_INPUT_ELEMENTS = 1000 * 3 * 64 * 64
 """Most input elements the route runs over: 1,000 default-model images (3x64x64), 80 at 3x224x224 (ImageNet), whose
 forward passes cost about 12x as much each."""
 
+FIXED_ERROR_CORRELATION = 1.0
+"""Correlation taken between the errors fixed on a chip (``LayerPerturbation.fixed_variance``) at the taps of a
+kernel and the positions an average pooling averages."""
+
 OPERATING_POINT_IMAGES = 250
 """Images (the first of the route's) on which each layer's operating point is fitted (:func:`operating_point`):
 a per-channel regression over images and positions, settled well before 250 images."""
@@ -91,6 +95,9 @@ class LayerPerturbation:
     #: ``h(y, var) -> E[h(Y)]`` per element, ``Y ~ N(y, var)`` (e.g. :class:`.sampled_adc.ChannelCubic`); its
     #: energy is not in ``variance``. ``operating_point`` may return further terms as a third element
     curvature: tuple = ()
+    #: (C_out,) or None: the part of ``variance`` from errors fixed on a chip (programming error: one draw of the
+    #: weights serves every position and image), carried apart as correlated across a feature map's positions
+    fixed_variance: np.ndarray | None = None
 
 
 def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +152,15 @@ def _max_pool_moments(mean: torch.Tensor, var: torch.Tensor, pool: nn.MaxPool2d)
     for j in range(1, mu.shape[-1]):
         m, v = _clark_max(m, v, mu[..., j], vv[..., j])
     return m.contiguous(), v.contiguous()
+
+
+def _ratio(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    return torch.where(whole > 0, part / whole.clamp_min(1e-30), torch.zeros_like(whole)).clamp_(0, 1)
+
+
+def _share(part: torch.Tensor | None, whole: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
+    """The fixed part of a variance through an elementwise operation: the same share of the variance after it."""
+    return None if part is None else after * _ratio(part, whole)
 
 
 def _channel_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -214,7 +230,7 @@ class MeanFieldNetwork:
                                   "residual addition, flatten")
 
     def _layer(self, mod: nn.Module, mean: torch.Tensor, var: torch.Tensor, pert: LayerPerturbation | None,
-               clean: torch.Tensor | None = None, fitted: dict | None = None):
+               clean: torch.Tensor | None = None, fitted: dict | None = None, fixed: torch.Tensor | None = None):
         weight = mod.weight
         if pert is not None and pert.weight is not None:
             weight = torch.from_numpy(np.array(pert.weight, dtype=np.float32)).reshape(weight.shape)
@@ -224,7 +240,19 @@ class MeanFieldNetwork:
         else:
             def op(x, w):
                 return F.linear(x, w)
-        y, v = op(mean, weight), op(var, weight * weight)
+        w2 = weight * weight
+        y = op(mean, weight)
+        vf = None
+        if fixed is None:
+            v = op(var, w2)
+        else:  # fixed errors: correlated over the kernel's taps (FIXED_ERROR_CORRELATION)
+            v = op(var - fixed, w2)
+            vf = op(fixed, w2)
+            if isinstance(mod, nn.Conv2d) and FIXED_ERROR_CORRELATION > 0:
+                taps = math.prod(weight.shape[2:])
+                summed = weight.sum(dim=tuple(range(2, weight.dim())), keepdim=True).square() / taps
+                vf = (1 - FIXED_ERROR_CORRELATION) * vf + FIXED_ERROR_CORRELATION * op(fixed, summed.expand_as(weight))
+            v = v + vf
         shape = _channel_shape(y)
         if pert is not None:
             gain, offset, curves = pert.gain, pert.offset, tuple(pert.curvature)
@@ -238,15 +266,21 @@ class MeanFieldNetwork:
             bent = sum((h(y) for h in curves), torch.zeros_like(y)) if curves else 0.0
             y = a * y + torch.as_tensor(offset, dtype=torch.float32).reshape(shape) + bent
             v = a * a * v + torch.as_tensor(pert.variance, dtype=torch.float32).clamp_min(0).reshape(shape)
+            if vf is not None:
+                vf = a * a * vf
+            if pert.fixed_variance is not None:
+                own = torch.as_tensor(pert.fixed_variance, dtype=torch.float32).clamp_min(0).reshape(shape)
+                vf = own if vf is None else vf + own
         if mod.bias is not None:
             y = y + mod.bias.reshape(shape)
-        return y, v
+        return y, v, vf
 
     def _run(self, x: torch.Tensor, perturbations: Mapping[str, LayerPerturbation], fitted: dict | None = None):
         """The logits' ``(mean, variance)`` for images ``x``; where a perturbation has an ``operating_point``,
         the clean network runs alongside and the shifts it gives are stored in ``fitted`` (by ``id`` of the
         perturbation) when given. Every value is dropped after its last use."""
         env: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        fx: dict[str, torch.Tensor | None] = {}  # the part of each variance from errors fixed on the chip, or None
         # the clean network's values alongside, where a layer's perturbation depends on its operating point
         clean: dict[str, torch.Tensor] | None = (
             {} if any(p.operating_point is not None for p in perturbations.values()) else None)
@@ -259,6 +293,7 @@ class MeanFieldNetwork:
         for index, node in enumerate(self.gm.graph.nodes):
             for done in self._last_inputs[index]:
                 env.pop(done, None)
+                fx.pop(done, None)
                 if clean is not None:
                     clean.pop(done, None)
             if clean is not None and node.op in ("call_module", "call_function", "call_method"):
@@ -278,6 +313,7 @@ class MeanFieldNetwork:
                 clean[node.name] = x
             if node.op == "placeholder":
                 env[node.name] = (x, torch.zeros_like(x))
+                fx[node.name] = None
             elif node.op == "output":
                 return env[node.args[0].name]
             elif node.op == "get_attr":
@@ -285,39 +321,62 @@ class MeanFieldNetwork:
             elif node.op == "call_module":
                 mod = self.modules[node.target]
                 m, v = env[node.args[0].name]
+                vf = fx.get(node.args[0].name)
                 if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                    env[node.name] = self._layer(mod, m, v, perturbations.get(node.target),
-                                                 None if clean is None else clean[node.args[0].name], fitted)
+                    y, v2, vf2 = self._layer(mod, m, v, perturbations.get(node.target),
+                                             None if clean is None else clean[node.args[0].name], fitted, vf)
+                    env[node.name], fx[node.name] = (y, v2), vf2
                 elif isinstance(mod, nn.ReLU):
                     env[node.name] = relu_moments(m, v)
+                    fx[node.name] = _share(vf, v, env[node.name][1])
                 elif isinstance(mod, nn.MaxPool2d):
                     env[node.name] = _max_pool_moments(m, v, mod)
+                    fx[node.name] = None if vf is None else env[node.name][1] * F.max_pool2d(
+                        _ratio(vf, v), mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
                 elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
                     out = mod(m)
-                    # a mean of n independent elements: variance / n (n: elements per output, on average)
+                    # a mean of n independent elements: variance / n (n: elements per output, on average); the
+                    # fixed errors' part correlated over the positions (FIXED_ERROR_CORRELATION)
                     k = mod.kernel_size if isinstance(mod, nn.AvgPool2d) else None
                     window = (math.prod((k, k) if isinstance(k, int) else k) if k is not None
                               else m[0, 0].numel() / out[0, 0].numel())
-                    env[node.name] = (out, mod(v) / window)
+                    if vf is None:
+                        env[node.name] = (out, mod(v) / window)
+                        fx[node.name] = None
+                    else:
+                        pooled_f = mod(vf) * (FIXED_ERROR_CORRELATION + (1 - FIXED_ERROR_CORRELATION) / window)
+                        env[node.name] = (out, mod(v - vf) / window + pooled_f)
+                        fx[node.name] = pooled_f
                 elif isinstance(mod, nn.Flatten):
                     env[node.name] = (mod(m), mod(v))
+                    fx[node.name] = None if vf is None else mod(vf)
                 else:  # Identity, Dropout (eval)
                     env[node.name] = (m, v)
+                    fx[node.name] = vf
             elif node.op == "call_function":
                 if node.target in (operator.add, torch.add):
                     (m1, v1), (m2, v2) = arg(node.args[0]), arg(node.args[1])
                     env[node.name] = (m1 + m2, v1 + v2)
+                    f1, f2 = (fx.get(a.name) if isinstance(a, torch.fx.Node) else None for a in node.args[:2])
+                    fx[node.name] = f1 if f2 is None else (f2 if f1 is None else f1 + f2)
                 elif node.target is torch.flatten:
                     m, v = env[node.args[0].name]
+                    vf = fx.get(node.args[0].name)
                     env[node.name] = (torch.flatten(m, *node.args[1:]), torch.flatten(v, *node.args[1:]))
+                    fx[node.name] = None if vf is None else torch.flatten(vf, *node.args[1:])
                 else:  # relu
-                    env[node.name] = relu_moments(*env[node.args[0].name])
+                    m, v = env[node.args[0].name]
+                    env[node.name] = relu_moments(m, v)
+                    fx[node.name] = _share(fx.get(node.args[0].name), v, env[node.name][1])
             else:  # call_method
                 m, v = env[node.args[0].name]
+                vf = fx.get(node.args[0].name)
                 if node.target == "relu":
                     env[node.name] = relu_moments(m, v)
+                    fx[node.name] = _share(vf, v, env[node.name][1])
                 else:
                     env[node.name] = (getattr(m, node.target)(*node.args[1:]), getattr(v, node.target)(*node.args[1:]))
+                    fx[node.name] = None if vf is None else getattr(vf, node.target)(*node.args[1:])
         raise EstimationError("mean-field route: the graph has no output")
 
     def moments(self, perturbations: Mapping[str, LayerPerturbation]) -> tuple[np.ndarray, np.ndarray]:

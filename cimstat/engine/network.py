@@ -451,7 +451,13 @@ class Engine:
             # the ADC error's part that is a cubic in the output (clipping beyond the linear gain) goes on the means
             curves = tuple(le.curvature.values())
             rest = rest - sum((c.energy for c in curves), np.zeros(c_out))
-            perturb[name] = LayerPerturbation(a, m, np.maximum(rest, 0.0), weight, moved, curves)
+            # programming error: one draw per chip, its errors correlated over a feature map's positions
+            src = ErrorSource.PROGRAMMING_ERROR
+            ap, mp = le.gain.get(src, np.zeros(c_out)), le.offset.get(src, np.zeros(c_out))
+            fixed = le.error[src] - (ap * ap * ey2 + 2 * ap * mp * ey + mp * mp)
+            rest = np.maximum(rest, 0.0)
+            fixed = np.clip(fixed, 0.0, rest) if np.any(le.error[src] > 0) else None
+            perturb[name] = LayerPerturbation(a, m, rest, weight, moved, curves, fixed)
         mean, var = net.moments(perturb)
         z, y = self.logits[:len(mean)], self.labels[:len(mean)]
         fc = snr_db(float((z ** 2).sum(1).mean()), float(((mean - z) ** 2 + var).sum(1).mean()))
