@@ -263,7 +263,7 @@ def test_max_pooling_keeps_the_noises_upward_bias(pool, shape):
 def test_channel_cubic_takes_the_clipping_beyond_the_linear_gain():
     """The remainder of a hard clip after its least-squares gain and offset is mostly a cubic in y: the fit has
     zero mean and no covariance with y over the sample, explains most of it, its energy is E[h²], and it holds its
-    edge value outside the sample's range; with a variance, the cubic's Gaussian expectation."""
+    edge value outside the sample's range."""
     from cimstat.engine.sampled_adc import ChannelCubic
 
     rng = np.random.default_rng(7)
@@ -275,21 +275,13 @@ def test_channel_cubic_takes_the_clipping_beyond_the_linear_gain():
     h = cubic(y)
     np.testing.assert_allclose(h.mean(0), 0.0, atol=1e-8)
     np.testing.assert_allclose((h * yc).mean(0), 0.0, atol=1e-7)
-    np.testing.assert_allclose(cubic.energy, (h * h).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(cubic.energy, (h * h).mean(0), rtol=1e-6)
     assert np.all(cubic.energy > 0.6 * (r * r).mean(0))
     edge = y.max(0)
     np.testing.assert_allclose(cubic(np.stack([edge, edge + 100.0])), cubic(np.stack([edge, edge])), rtol=1e-12)
     t = torch.tensor(y[:5])
     np.testing.assert_allclose(cubic(t).numpy(), h[:5], rtol=1e-12)
-    u0 = 0.3
-    y0 = cubic.center + u0 * cubic.spread
-    var = np.full(3, 0.01)
-    c = cubic.coef
-    exact = c[:, 0] + c[:, 1] * u0 + c[:, 2] * (u0 ** 2 + var / cubic.spread ** 2) + c[:, 3] * (
-        u0 ** 3 + 3 * u0 * var / cubic.spread ** 2)
-    np.testing.assert_allclose(cubic(y0[None], var[None]), exact[None], rtol=1e-10)
-    half = cubic.scaled(0.5, 2.0)
-    np.testing.assert_allclose(half(2.0 * y[:5]), 0.5 * h[:5], rtol=1e-12)
+    np.testing.assert_allclose(cubic.scaled(0.5)(y[:5]), 0.5 * h[:5], rtol=1e-12)
 
 
 def test_a_layers_curvature_goes_on_the_mean(block):

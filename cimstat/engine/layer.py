@@ -37,7 +37,7 @@ from .sampled_adc import ChannelCubic, SampledError, adc_error_map, sampled_adc_
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
-__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "adc_clipping_shift", "padding_taps", "CacheBudget", "ENGINE_CACHE_BYTES"]
+__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "adc_clipping_shift", "adc_curvature", "padding_taps", "CacheBudget", "ENGINE_CACHE_BYTES"]
 
 CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64)
 ENGINE_CACHE_BYTES = 2 << 30
@@ -121,9 +121,6 @@ class LayerEstimate:
     #: the precise ADC route (``LayerModel.adc_image_vectors``): the deterministic ADC quantization error of every
     #: output of the noise-propagation images, (N·P, C_out) image-major, output units; None on the default route
     adc_map: np.ndarray | None = None
-    #: per source, the deterministic error's part that is a cubic in the float output (output units; the sampled
-    #: ADC route, :class:`.sampled_adc.ChannelCubic`): the mean-field route applies it, the linear route does not
-    curvature: dict[ErrorSource, ChannelCubic] = field(default_factory=dict)
 
     @property
     def total(self) -> np.ndarray:
@@ -530,9 +527,35 @@ def _conversion_noise_terms(levels: list[np.ndarray], noise: DeviceNoise | None)
     return noise_terms
 
 
+def _sampled_adc(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise | None, sigma: float,
+                 curvature: bool = False) -> SampledError:
+    """The layer's ADC error over its input sample with ``sigma`` LSB of thermal noise (cached per config);
+    ``curvature``: with its cubic part (:class:`.sampled_adc.ChannelCubic`), cached apart."""
+    signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
+    table = np.asarray(ranges.adc_range, dtype=np.float64)
+    levels = model.levels(cfg)
+    key = ("sadc", repr(cfg), signed, x_range, table.tobytes(), sigma) + (("curvature",) if curvature else ())
+    return model.cached(key, lambda: sampled_adc_error(
+        model.input_sample, model.weight, cfg, signed, x_range, table, _conversions(levels, cfg),
+        _conversion_noise_terms(levels, noise), sigma, model.cached, model.input_grad_weight, curvature))
+
+
+def adc_curvature(model: LayerModel, resolved: ResolvedLayer) -> ChannelCubic | None:
+    """The cubic part of the layer's ADC error in its float output (output units; the sampled ADC route, every
+    noise present), or None where the layer has no input sample or no ADC. For the mean-field route: it evaluates
+    the layer's sampled ADC error once more (the linear route does not fit the cubic)."""
+    cfg, ranges = resolved.config, resolved.ranges
+    if model.input_sample is None or cfg.adc_bits is None:
+        return None
+    signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
+    noise = model.noise(cfg) if cfg.programming_error > 0 or cfg.read_noise > 0 else None
+    t = _sampled_adc(model, cfg, ranges, noise, float(cfg.adc_thermal_noise_lsb), curvature=True)
+    scale = model.plan(cfg, signed, x_range).step * model.weights(cfg).step
+    return t.curvature.scaled(scale)
+
+
 def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise | None, scale: np.ndarray,
-                       error: dict, white: dict, gain: dict, offset: dict, precise: bool = False,
-                       curvature: dict | None = None) -> np.ndarray | None:
+                       error: dict, white: dict, gain: dict, offset: dict, precise: bool = False) -> np.ndarray | None:
     """ADC quantization and thermal-noise terms from the layer's input sample (:mod:`.sampled_adc`); returns
     the error map of the precise route (``LayerEstimate.adc_map``) or None."""
     signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
@@ -541,17 +564,9 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
     if table.shape != (n_in, len(cfg.weight_slices())):
         raise EstimationError(f"layer {model.name}: adc_range has shape {table.shape}, expected "
                               f"(input slices, weight slices) = {(n_in, len(cfg.weight_slices()))}")
-    levels = model.levels(cfg)
-    convs = _conversions(levels, cfg)
-    noise_terms = _conversion_noise_terms(levels, noise)
-
-    def run(sigma: float) -> SampledError:
-        key = ("sadc", repr(cfg), signed, x_range, table.tobytes(), sigma)
-        return model.cached(key, lambda: sampled_adc_error(model.input_sample, model.weight, cfg, signed, x_range,
-                                                           table, convs, noise_terms, sigma, model.cached,
-                                                           model.input_grad_weight))
+    convs = _conversions(model.levels(cfg), cfg)
     sigma = float(cfg.adc_thermal_noise_lsb)
-    t = run(sigma)  # the error with every noise present
+    t = _sampled_adc(model, cfg, ranges, noise, sigma)  # the error with every noise present
     q_energy = t.energy
     if sigma > 0:
         # thermal noise is not additive: it also turns rounding errors that every conversion of a vector
@@ -559,7 +574,7 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
         # 0.05 LSB of noise lowers the ADC error 28 %). Its share is the extra variance it redraws per read
         # (all of it without device noise); the rest of the error with noise present is the quantization's.
         # (the white parts weighted by where on the outputs they sit: SampledError.white)
-        t0 = run(0.0) if noise is not None else None
+        t0 = _sampled_adc(model, cfg, ranges, noise, 0.0) if noise is not None else None
         redrawn = t.random - (t0.random if t0 is not None else 0.0)
         thermal = np.minimum(np.maximum(redrawn, 0.0), t.energy)
         thermal_white = np.minimum(np.maximum(t.random_white - (t0.random_white if t0 is not None else 0.0), 0.0),
@@ -594,8 +609,6 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
     white[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * np.maximum(q_white, 0.0)
     gain[ErrorSource.ADC_QUANTIZATION] = scale * t.gain
     offset[ErrorSource.ADC_QUANTIZATION] = scale * t.offset
-    if curvature is not None and t.curvature is not None:
-        curvature[ErrorSource.ADC_QUANTIZATION] = t.curvature.scaled(scale)
     return None
 
 
@@ -699,12 +712,10 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
                                   "and weights")
         scale = plan.step * wq.step
         if model.input_sample is not None and cfg.adc_bits is not None:
-            curvature: dict[ErrorSource, ChannelCubic] = {}
-            adc_map = _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset, adc_per_image,
-                                         curvature)
+            adc_map = _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset, adc_per_image)
             return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
                                  fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps,
-                                 adc_map=adc_map, curvature=curvature)
+                                 adc_map=adc_map)
         var_q, var_t, mean_q, mean_t = _adc_error(model, cfg, ranges, plan, model.levels(cfg), noise)
         error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * (var_q + mean_q ** 2)
         error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * np.maximum(
@@ -785,7 +796,8 @@ def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.nda
     sample = np.asarray(model.input_sample[::-(-len(model.input_sample) // CLIPPING_SAMPLE_ROWS)], dtype=np.float64)
 
     def clip_terms(x: np.ndarray) -> SampledError:  # device noise left out: the clipping of the partial sums
-        return sampled_adc_error(x, model.weight, fine, signed, x_range, table, convs, lambda li, devs: None, sigma)
+        return sampled_adc_error(x, model.weight, fine, signed, x_range, table, convs, lambda li, devs: None, sigma,
+                                 curvature=True)
     clean = model.cached(("sadc clip", repr(cfg), signed, x_range, table.tobytes()), lambda: clip_terms(sample))
     ch = model.channel_of_row
     xi = np.random.default_rng(OPERATING_POINT_SEED).standard_normal(sample.shape)

@@ -33,9 +33,9 @@ logits ``z``, top-1 by the quadrature of :mod:`cimstat.accuracy` with per-image 
 
 Assumptions: elements independent (the variance of a sum is the sum of the variances); errors Gaussian at every
 ReLU. Errors fixed on a chip but random between chips (programming error) are correlated across the positions of
-a feature map, which independence underrates at pooling: on the validation sweep the programming-error collapse
-configurations come out 4-5 pp optimistic (prog5%-state-indep-w4slices 95.2 % against the Monte Carlo's 90.7,
-collapse-w4-prog5% 84.1 against 79.9). The route's top-1 is over the probe images and the Monte Carlo's over
+a feature map. Their variance is carried apart (``fixed_variance``) and taken as fully correlated over a kernel's
+taps and a pooling window (:data:`FIXED_ERROR_CORRELATION`): collapse-w4-prog5% went from 84.1 % to 80.7 (the
+Monte Carlo: 79.9), prog5%-state-indep-w4slices from 95.2 to 94.1 (90.7). The route's top-1 is over the probe images and the Monte Carlo's over
 other images: at 40-90 % accuracy the two samples alone differ by a few points (thermal4-adc6: 42.1 % on the
 1,000 probe images, 43.2 % on the Monte Carlo's 1,000 validation images, which measure 44.9 ± 1.6).
 """
@@ -92,8 +92,8 @@ class LayerPerturbation:
     #: variance (e.g. :func:`cimstat.engine.layer.adc_clipping_shift`)
     operating_point: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple] | None = None
     #: the deterministic error's part nonlinear in ``y = W_eff x`` (output units; terms added), each a callable
-    #: ``h(y, var) -> E[h(Y)]`` per element, ``Y ~ N(y, var)`` (e.g. :class:`.sampled_adc.ChannelCubic`); its
-    #: energy is not in ``variance``. ``operating_point`` may return further terms as a third element
+    #: ``h(y)`` per element of the mean (e.g. :class:`.sampled_adc.ChannelCubic`); its energy is not in
+    #: ``variance``. ``operating_point`` may return further terms as a third element
     curvature: tuple = ()
     #: (C_out,) or None: the part of ``variance`` from errors fixed on a chip (programming error: one draw of the
     #: weights serves every position and image), carried apart as correlated across a feature map's positions
@@ -135,9 +135,9 @@ def _clark_max(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.T
 
 def _max_pool_moments(mean: torch.Tensor, var: torch.Tensor, pool: nn.MaxPool2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Max pooling of independent Gaussians: Clark's pairwise moments folded over the window's elements in order
-    (:func:`_clark_max`), the padding ``-inf``. It keeps the noise's upward bias of the maximum (with the window's
-    element of largest mean instead, thermal4-adc6 came out 21 pp optimistic: the layer after the pooling saw too
-    small an input, and its calibrated ADC too little clipping)."""
+    (:func:`_clark_max`), the padding ``-inf``. It keeps the noise's upward bias of the maximum, which the window's
+    element of largest mean leaves out (0.4-0.5 in the test windows of variance up to 0.5; on thermal4-adc6 alone it moved
+    top-1 by 0.6 pp and the fc SNR by 0.15 dB)."""
     k, s, p, d = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
                   _pair(pool.dilation))
     out_hw = F.max_pool2d(mean[:1, :1], k, s, p, d, pool.ceil_mode).shape[-2:]

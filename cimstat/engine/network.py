@@ -48,7 +48,8 @@ from cimstat.accuracy import top1 as predicted_top1
 from cimstat.errors import EstimationError
 from cimstat.hardware import HardwareConfig, RangeMode, ResolvedLayer, load_config
 
-from .layer import ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, adc_clipping_shift, estimate_layer
+from .layer import (ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, adc_clipping_shift, adc_curvature,
+                    estimate_layer)
 from .meanfield import MEANFIELD_IMAGES, MEANFIELD_INPUT_ELEMENTS, LayerPerturbation, MeanFieldNetwork
 from cimstat.metrics import snr_db
 
@@ -449,7 +450,8 @@ class Engine:
                      if (ErrorSource.ADC_QUANTIZATION in le.gain and lm.input_sample is not None
                          and cfg.adc_range is not RangeMode.MAX) else None)
             # the ADC error's part that is a cubic in the output (clipping beyond the linear gain) goes on the means
-            curves = tuple(le.curvature.values())
+            cubic = adc_curvature(lm, resolved[name]) if ErrorSource.ADC_QUANTIZATION in le.gain else None
+            curves = () if cubic is None else (cubic,)
             rest = rest - sum((c.energy for c in curves), np.zeros(c_out))
             # programming error: one draw per chip, its errors correlated over a feature map's positions
             src = ErrorSource.PROGRAMMING_ERROR
