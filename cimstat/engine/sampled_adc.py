@@ -48,7 +48,7 @@ from cimstat.stats import applied_codes
 
 from .adc import _smooth_moments, adc_code_limits, fourier_cell_moments, gaussian_cell_moments
 
-__all__ = ["SampledError", "ChannelCubic", "sampled_adc_error", "adc_error_map", "sampled_input_error", "sample_codes"]
+__all__ = ["SampledError", "ChannelCubic", "sampled_adc_error", "budget_rows", "adc_error_map", "sampled_input_error", "sample_codes"]
 
 _CHUNK = 1 << 21  #: elements per vectorised chunk of the noisy conversion integral
 EXACT_ELEMENT_BUDGET = 6_000_000
@@ -113,10 +113,11 @@ class ChannelCubic:
                 import torch
                 return torch.as_tensor(a, dtype=y.dtype).reshape(shape)
             return a.reshape(shape)
-        u = (y - chan(self.center)) / chan(self.spread)
-        u = (u.clamp(chan(self.u_lo), chan(self.u_hi)) if torch_in
-             else np.clip(u, chan(self.u_lo), chan(self.u_hi)))
         c = [chan(self.coef[:, k]) for k in range(4)]
+        if torch_in:  # in place: the mean-field route calls this on whole feature maps
+            u = (y - chan(self.center)).div_(chan(self.spread)).clamp_(chan(self.u_lo), chan(self.u_hi))
+            return (u * c[3]).add_(c[2]).mul_(u).add_(c[1]).mul_(u).add_(c[0])
+        u = np.clip((y - chan(self.center)) / chan(self.spread), chan(self.u_lo), chan(self.u_hi))
         return c[0] + u * (c[1] + u * (c[2] + u * c[3]))
 
 
@@ -273,6 +274,21 @@ def _kept_rows(score: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[in_sample_order], weights[in_sample_order]
 
 
+def budget_rows(sample: np.ndarray, c_out: int, cfg: LayerConfig, signed: bool, x_range: float,
+                conversions: list) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(rows, weights)`` of the part of ``sample`` (S, K) that one noiseless pass over every vector, all taken
+    distinct, can evaluate within :data:`EXACT_ELEMENT_BUDGET` (:func:`_kept_rows`, scored by the input code
+    sum), or ``(None, None)`` where all of it fits. For evaluations of moved copies of one sample: chosen once on
+    the sample, the same vectors serve every copy, so differences between copies do not jump with the
+    choice."""
+    n_conv = _n_conversions(cfg, signed, conversions, sample.shape[1])
+    keep = max(1, EXACT_ELEMENT_BUDGET // (c_out * n_conv))
+    if keep >= len(sample):
+        return None, None
+    score = np.abs(sample_codes(sample, cfg, signed, x_range).astype(np.int64)).sum(1)
+    return _kept_rows(score, keep)
+
+
 def _distinct_codes(sample: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float, keep: int | None,
                     cache) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(distinct code vectors (int16), index of each kept vector's, rows of the sample kept, their
@@ -351,7 +367,8 @@ def _partial_sums(codes: np.ndarray, cfg: LayerConfig, signed: bool, conversions
 
 def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, signed: bool, x_range: float,
                       adc_table: np.ndarray, conversions: list, noise_terms, sigma_n_lsb: float,
-                      cache=None, grad_weight: np.ndarray | None = None, curvature: bool = False) -> SampledError:
+                      cache=None, grad_weight: np.ndarray | None = None, curvature: bool = False,
+                      row_weights: np.ndarray | None = None) -> SampledError:
     """ADC error of one layer over its input sample (see the module docstring).
 
     ``conversions``: per weight slice, ``(sign, coefficient levels (C_out, K), devices)`` as in
@@ -361,11 +378,15 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
     config-independent pieces (distinct code vectors, float outputs of the sample) are kept between calls;
     ``grad_weight``: (S, C_out) the sample's gradient weights (``SampledError.white``), or None; ``curvature``:
     also fit ``SampledError.curvature`` (the mean-field route's; 2-33 % of a linear-route estimate's time, measured
-    on four ADC configurations of the default model, so not by default).
+    on four ADC configurations of the default model, so not by default); ``row_weights``: (S,) the weights of
+    a sample already reduced by the caller (:func:`budget_rows`), evaluated whole.
     """
     cache = cache or _no_cache
     det, rand, bias, rows, weights = _conditional_errors(sample, weight, cfg, signed, x_range, adc_table,
-                                                         conversions, noise_terms, sigma_n_lsb, cache, budget=True)
+                                                         conversions, noise_terms, sigma_n_lsb, cache,
+                                                         budget=row_weights is None)
+    if row_weights is not None:
+        weights = row_weights
     y = cache(("sample_outputs",), lambda: np.asarray(sample, dtype=np.float64)
                              @ np.asarray(weight, dtype=np.float64).T)
     gw = None if grad_weight is None else (grad_weight if rows is None else grad_weight[rows])
