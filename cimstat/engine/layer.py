@@ -531,14 +531,16 @@ def _sampled_adc(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise
                  curvature: bool = False) -> SampledError:
     """The layer's ADC error over its input sample with ``sigma`` LSB of thermal noise (cached per config);
     ``curvature``: with its cubic part (:class:`.sampled_adc.ChannelCubic`), cached apart. Under device noise the
-    cubic is always fitted: the per-element noise integrals cost 10-50x the fit (design-in4-w4-adc5 on the default
-    model: three evaluations per layer became two; its mean-field estimate 34 s -> 21 s)."""
+    evaluation at the config's own thermal noise (the one :func:`adc_curvature` asks for) always fits it, and both
+    routes share that entry: the per-element noise integrals cost far more than the fit (design-in4-w4-adc5 on the
+    default model, profiled: three such evaluations per layer became two, its mean-field estimate 34 s -> 22 s)."""
     signed, x_range = bool(ranges.signed_input), float(ranges.input_range)
     table = np.asarray(ranges.adc_range, dtype=np.float64)
     levels = model.levels(cfg)
-    curvature = curvature or noise is not None
+    shared = noise is not None and sigma == float(cfg.adc_thermal_noise_lsb)
     key = ("sadc", repr(cfg), signed, x_range, table.tobytes(), sigma) + (
-        ("curvature",) if curvature and noise is None else ())
+        ("curvature",) if curvature and not shared else ())
+    curvature = curvature or shared
     return model.cached(key, lambda: sampled_adc_error(
         model.input_sample, model.weight, cfg, signed, x_range, table, _conversions(levels, cfg),
         _conversion_noise_terms(levels, noise), sigma, model.cached, model.input_grad_weight, curvature))
@@ -546,8 +548,9 @@ def _sampled_adc(model: LayerModel, cfg: LayerConfig, ranges, noise: DeviceNoise
 
 def adc_curvature(model: LayerModel, resolved: ResolvedLayer) -> ChannelCubic | None:
     """The cubic part of the layer's ADC error in its float output (output units; the sampled ADC route, every
-    noise present), or None where the layer has no input sample or no ADC. For the mean-field route: it evaluates
-    the layer's sampled ADC error once more (the linear route does not fit the cubic)."""
+    noise present), or None where the layer has no input sample or no ADC. For the mean-field route: without device
+    noise it evaluates the layer's sampled ADC error once more (the linear route does not fit the cubic there); with
+    it, it reads the linear route's evaluation (:func:`_sampled_adc`)."""
     cfg, ranges = resolved.config, resolved.ranges
     if model.input_sample is None or cfg.adc_bits is None:
         return None
