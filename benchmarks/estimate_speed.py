@@ -7,8 +7,9 @@ config-independent data, a fresh config each repeat so per-config work is redone
 level, or a new thermal-noise level under an ADC), and
 for the default network the ratio to one Monte Carlo instance on ``--mc-images`` validation
 images scaled to the probe set size. ResNet-18 224x224 uses synthetic probes of the true
-layer shapes (timing only). Prints CPU time and thread count too, and the time of a collapsed configuration
-(20-23 % read noise), whose fc SNR and top-1 come from the mean-field route.
+layer shapes (timing only). Prints CPU time and thread count too, the time of a collapsed configuration
+(20-23 % read noise), whose fc SNR and top-1 come from the mean-field route, and of a calibrated ADC over a
+thermal-noise sweep: the calibration of its ranges (``resolve``, redone per level) and the estimate.
 """
 from __future__ import annotations
 
@@ -160,6 +161,22 @@ def main() -> None:
         est = engine.estimate(cfg, resolved)
         print(f"default  collapse read noise {100 * cfg.default.read_noise:.0f}% ({est.route} route, "
               f"{min(engine.meanfield_images, len(engine.labels))} images) estimate "
+              f"{1e3 * (time.perf_counter() - w0):9.1f} ms (cpu {1e3 * (time.process_time() - c0):9.1f} ms)")
+    # a calibrated ADC in a thermal-noise sweep: every level recalibrates the ranges (resolve, in-memory store)
+    from cimstat.calibrate import resolve as calibrate
+    from cimstat.calibrate.store import CalibrationStore
+
+    for r in range(args.repeats + 1):
+        thermal = 0.5 + 0.37 * r
+        cfg = HardwareConfig(LayerConfig(input_slice_bits=1, rows_per_array=256, adc_bits=6, adc_range="calibrated",
+                                         adc_thermal_noise_lsb=thermal), name="adc6-cal")
+        w0, c0 = time.perf_counter(), time.process_time()
+        resolved = calibrate(cfg, probes, CalibrationStore(None))
+        wall_r, cpu_r = time.perf_counter() - w0, time.process_time() - c0
+        w0, c0 = time.perf_counter(), time.process_time()
+        engine.estimate(cfg, resolved)
+        print(f"default  calibrated adc6 bit-serial, thermal {thermal:.2f} LSB: calibration {1e3 * wall_r:9.1f} ms "
+              f"(cpu {1e3 * cpu_r:9.1f} ms){' (first: partial-sum pmfs)' if r == 0 else ''}, estimate "
               f"{1e3 * (time.perf_counter() - w0):9.1f} ms (cpu {1e3 * (time.process_time() - c0):9.1f} ms)")
     if args.precise:
         precise = Engine(probes, adc_per_image=True)

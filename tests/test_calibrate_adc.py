@@ -114,6 +114,49 @@ def test_adc_error_exact_on_a_lattice():
     assert adc_error(mix, 7.0, 3, False, 0.7)[0] == pytest.approx(direct, rel=0.02)
 
 
+@pytest.mark.parametrize("bits,signed", [(3, False), (6, True), (8, False)])
+@pytest.mark.parametrize("thermal_lsb", [0.05, 0.5, 1.3, 4.0])
+def test_adc_error_with_thermal_noise_is_the_exact_sum_over_every_code(bits, signed, thermal_lsb):
+    # the tabulated error curve against the sum over *all* output codes with Gaussian CDFs at the thresholds,
+    # for values inside the range, on both ends and far beyond them (clipped), at ranges from 0.3x to 3x
+    from scipy.special import ndtr
+
+    top = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    lo = -top if signed else 0
+    rng = np.random.default_rng(bits)
+    values = np.round(rng.uniform(-2.5 * top if signed else -0.5 * top, 2.5 * top, 300))
+    probs = rng.random(values.size)
+    mix = PartialSumMixture(values, probs / probs.sum())
+    codes = np.arange(lo, top + 1, dtype=np.float64)[:, None]
+    for r in (0.3 * top, 0.77 * top, float(top), 3.0 * top):
+        step = r / top
+        t = values[None, :] / step
+        upper = np.where(codes == top, np.inf, codes + 0.5)
+        lower = np.where(codes == lo, -np.inf, codes - 0.5)
+        p = ndtr((upper - t) / thermal_lsb) - ndtr((lower - t) / thermal_lsb)
+        direct = step ** 2 * ((p * (codes - t) ** 2).sum(0) @ mix.probs)
+        assert adc_error(mix, r, bits, signed, thermal_lsb)[0] == pytest.approx(direct, rel=1e-8)
+
+
+def test_partial_sum_pmfs_are_reused_across_adc_settings_only():
+    from cimstat.calibrate.adc_range import analytic_mixtures
+
+    x = correlated_inputs(800, 24, False, seed=3)
+    w = np.random.default_rng(5).normal(size=(4, 24))
+    ls = linear_layer(x)
+    base = dict(input_bits=5, weight_bits=4, input_slice_bits=1, rows_per_array=16)
+    first = analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=6), False, float(x.max()))
+    # ADC resolution, range and thermal noise do not change the partial sums: the same pmfs
+    again = analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=4, adc_thermal_noise_lsb=1.0), False,
+                              float(x.max()))
+    assert again is first
+    # any other knob, other weights or another input range does
+    assert analytic_mixtures(ls, w, LayerConfig(**{**base, "weight_bits": 5}, adc_bits=6), False,
+                             float(x.max())) is not first
+    assert analytic_mixtures(ls, 2 * w, LayerConfig(**base, adc_bits=6), False, float(x.max())) is not first
+    assert analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=6), False, 0.5 * float(x.max())) is not first
+
+
 def test_calibrated_adc_close_to_empirical_optimum_and_never_worse_than_max():
     k, c_out = 64, 16
     x = correlated_inputs(5000, k, False, seed=1)

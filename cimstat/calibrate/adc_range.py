@@ -39,6 +39,7 @@ than ``max`` under this model.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ from cimstat.calibrate.input_range import SUBSAMPLES, quantize_input_codes
 __all__ = ["AdcCalibration", "PartialSumMixture", "FactorComponents", "weight_codes", "weight_conversions",
            "input_pass_pmfs", "analytic_partial_sums", "partial_sum_mixture", "factor_partial_sums",
            "factor_mixture", "analytic_mixtures", "skewed_quantiles", "latent_transfer", "adc_error",
-           "choose_adc_range", "analytic_adc_calibration", "calibration_from_mixtures", "empirical_mixture", "PARTIAL_SUM_KURTOSIS"]
+           "choose_adc_range", "cached_mixtures", "analytic_adc_calibration", "calibration_from_mixtures", "empirical_mixture", "PARTIAL_SUM_KURTOSIS"]
 
 MAX_LATTICE = 8192
 """Most support points of a pooled partial-sum pmf (coarser bins beyond that span)."""
@@ -392,6 +393,51 @@ def partial_sum_mixture(parts: list[tuple[np.ndarray, ...]], r_max: float, n_nod
     return PartialSumMixture(grid[keep], probs[keep])
 
 
+def _code_error_exact(t: np.ndarray, lo_code: int, top: int, thermal_lsb: float) -> np.ndarray:
+    """``Σ_c P(c | t)·(c - t)²`` in LSB² at input ``t`` (LSB units): the hardware quantizer with thermal noise
+    ``N(0, σ_th²)`` — Gaussian CDFs at the thresholds ``c ± 1/2`` (end codes take the tails), over the codes within
+    ``6σ_th + 1`` of the noiseless code."""
+    from scipy.special import ndtr
+
+    t = np.asarray(t, dtype=np.float64)
+    width = int(np.ceil(6 * thermal_lsb)) + 1
+    codes = np.clip(np.round(t), lo_code, top)[None, :] + np.arange(-width, width + 1)[:, None]
+    valid = (codes >= lo_code) & (codes <= top)
+    upper = np.where(codes >= top, np.inf, codes + 0.5)
+    lower = np.where(codes <= lo_code, -np.inf, codes - 0.5)
+    prob = np.where(valid, ndtr((upper - t) / thermal_lsb) - ndtr((lower - t) / thermal_lsb), 0.0)
+    return (prob * (codes - t) ** 2).sum(0)
+
+
+CODE_ERROR_NODES_PER_LSB = 128
+"""Spline nodes per ``min(σ_th, 1)`` LSB of :func:`_code_error_curve` (interpolation error ~1e-12 relative)."""
+
+
+@functools.lru_cache(maxsize=32)
+def _code_error_curve(lo_code: int, top: int, thermal_lsb: float):
+    """:func:`_code_error_exact` as a function of ``t`` alone (it does not depend on the range: the noise scales
+    with the LSB), tabulated once per (codes, σ_th) as a cubic spline over ``[lo - w, top + w]`` (``w = 6σ_th + 3``);
+    beyond, only the end code is reachable and the error is ``(t - end)²``."""
+    from scipy.interpolate import CubicSpline
+
+    pad = np.ceil(6 * thermal_lsb) + 3
+    lo, hi = lo_code - pad, top + pad
+    n = int(np.ceil((hi - lo) * CODE_ERROR_NODES_PER_LSB / min(thermal_lsb, 1.0))) + 1
+    grid = np.linspace(lo, hi, n)
+    coef = CubicSpline(grid, _code_error_exact(grid, lo_code, top, thermal_lsb)).c      # (4, n - 1), uniform knots
+    node = (hi - lo) / (n - 1)
+
+    def curve(t: np.ndarray) -> np.ndarray:
+        inside = (t >= lo) & (t <= hi)
+        out = np.square(t - np.clip(t, lo_code, top))
+        ti = t[inside]
+        i = np.minimum(((ti - lo) / node).astype(np.int64), n - 2)
+        dx = ti - grid[i]
+        out[inside] = ((coef[0, i] * dx + coef[1, i]) * dx + coef[2, i]) * dx + coef[3, i]
+        return out
+    return curve
+
+
 def adc_error(mix: PartialSumMixture, r: np.ndarray | float, bits: int, signed: bool, thermal_lsb: float
               ) -> np.ndarray:
     """``E[(Q(P + n) - P)²]`` per candidate range ``r`` (partial-sum units²), hardware ADC quantizer.
@@ -399,30 +445,23 @@ def adc_error(mix: PartialSumMixture, r: np.ndarray | float, bits: int, signed: 
     Without noise ``Q`` is applied to each support point (round half to even, clip). With thermal
     noise ``n ~ N(0, (σ_th·Δ)²)`` the exact sum over output codes ``Σ_c P(c | P)·(cΔ - P)²`` is used,
     ``P(c | P)`` from Gaussian CDFs at the thresholds ``(c ± 1/2)Δ`` (end codes take the tails),
-    over the codes within ``6σ_th + 1`` LSBs of the noiseless code."""
-    from scipy.special import ndtr
-
+    over the codes within ``6σ_th + 1`` LSBs of the noiseless code: ``Δ²·h(P/Δ)``, with ``h``
+    (:func:`_code_error_curve`) the same for every range, tabulated once."""
     r = np.atleast_1d(np.asarray(r, dtype=np.float64))
     top = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
     lo_code = -top if signed else 0
     v = mix.values
-    out = np.empty(r.size)
-    width = int(np.ceil(6 * thermal_lsb)) + 1
-    offsets = np.arange(-width, width + 1)[:, None]
-    for i, ri in enumerate(r):
-        step = ri / top
-        c0 = np.clip(np.round(v / step), lo_code, top)
-        if thermal_lsb <= 0:
-            out[i] = ((step * c0 - v) ** 2) @ mix.probs
-            continue
-        codes = c0[None, :] + offsets
-        valid = (codes >= lo_code) & (codes <= top)
-        sd = thermal_lsb * step
-        upper = np.where(codes >= top, np.inf, (codes + 0.5) * step)
-        lower = np.where(codes <= lo_code, -np.inf, (codes - 0.5) * step)
-        prob = np.where(valid, ndtr((upper - v) / sd) - ndtr((lower - v) / sd), 0.0)
-        out[i] = (prob * (step * codes - v) ** 2).sum(0) @ mix.probs
-    return out
+    if thermal_lsb <= 0:
+        out = np.empty(r.size)
+        for i, ri in enumerate(r):
+            step = ri / top
+            out[i] = ((step * np.clip(np.round(v / step), lo_code, top) - v) ** 2) @ mix.probs
+        return out
+    curve = _code_error_curve(lo_code, top, float(thermal_lsb))
+    step = r / top
+    chunk = max(1, 2 ** 21 // max(v.size, 1))
+    return np.concatenate([st * st * (curve(v[None, :] / st[:, None]) @ mix.probs)
+                           for st in (step[a:a + chunk] for a in range(0, step.size, chunk))])
 
 
 def choose_adc_range(mix: PartialSumMixture, r_max: float, bits: int, signed: bool, thermal_lsb: float,
@@ -482,31 +521,42 @@ _MIXTURE_CACHE: dict[tuple, dict[tuple[int, int], PartialSumMixture]] = {}
 _MIXTURE_CACHE_SIZE = 64
 
 
-def analytic_mixtures(ls: Any, weight_matrix: np.ndarray, cfg: LayerConfig, signed: bool, x_max: float
-                      ) -> dict[tuple[int, int], PartialSumMixture]:
-    """The modelled partial-sum pmf per (input slice, weight slice) (:func:`factor_partial_sums` pooled by
-    :func:`factor_mixture`). It does not depend on the ADC resolution, range or thermal noise, so it is
-    kept in memory (keyed by the statistics, the weights and every other knob) for the next ADC setting."""
+def cached_mixtures(kind: str, arrays: tuple[np.ndarray, ...], cfg: LayerConfig, signed: bool, x_max: float,
+                    compute) -> dict[tuple[int, int], PartialSumMixture]:
+    """``compute()`` — the partial-sum pmfs of one layer — kept in memory for the next ADC setting: they do
+    not depend on the ADC resolution, range or thermal noise, so the key is ``kind``, the bytes of ``arrays``
+    (statistics or input sample, weights) and every other knob (a sweep over ADC bits or thermal noise
+    calibrates each point on the same pmfs)."""
     import dataclasses
     import hashlib
 
     from cimstat.hardware import RangeMode
 
-    wm = np.ascontiguousarray(weight_matrix, dtype=np.float64)
     knobs = dataclasses.replace(cfg, adc_bits=None, adc_range=RangeMode.MAX, adc_thermal_noise_lsb=0.0,
                                 input_range=RangeMode.MAX)
-    stats_id = hashlib.sha1(np.ascontiguousarray(ls.row_sq_mean, dtype=np.float64).tobytes()
-                            + np.ascontiguousarray(ls.hist_counts, dtype=np.float64).tobytes()).hexdigest()
-    key = (stats_id, getattr(ls, "name", ""), hashlib.sha1(wm.tobytes()).hexdigest(), knobs, bool(signed),
-           float(x_max))
+    digests = tuple(hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in arrays)
+    key = (kind, digests, knobs, bool(signed), float(x_max))
     if key not in _MIXTURE_CACHE:
-        r_max = cfg.adc_max_range(signed, int(ls.fan_in))
-        table = factor_partial_sums(ls, wm, cfg, signed, x_max)
         if len(_MIXTURE_CACHE) >= _MIXTURE_CACHE_SIZE:
             _MIXTURE_CACHE.pop(next(iter(_MIXTURE_CACHE)))
-        _MIXTURE_CACHE[key] = {(j, s): factor_mixture(comp, float(r_max[j, s]))
-                               for j, row in enumerate(table) for s, comp in enumerate(row)}
+        _MIXTURE_CACHE[key] = compute()
     return _MIXTURE_CACHE[key]
+
+
+def analytic_mixtures(ls: Any, weight_matrix: np.ndarray, cfg: LayerConfig, signed: bool, x_max: float
+                      ) -> dict[tuple[int, int], PartialSumMixture]:
+    """The modelled partial-sum pmf per (input slice, weight slice) (:func:`factor_partial_sums` pooled by
+    :func:`factor_mixture`), kept in memory by :func:`cached_mixtures`."""
+    wm = np.ascontiguousarray(weight_matrix, dtype=np.float64)
+
+    def compute():
+        r_max = cfg.adc_max_range(signed, int(ls.fan_in))
+        table = factor_partial_sums(ls, wm, cfg, signed, x_max)
+        return {(j, s): factor_mixture(comp, float(r_max[j, s])) for j, row in enumerate(table)
+                for s, comp in enumerate(row)}
+    arrays = (np.asarray(ls.row_sq_mean, dtype=np.float64), np.asarray(ls.hist_counts, dtype=np.float64),
+              np.frombuffer(str(getattr(ls, "name", "")).encode(), dtype=np.uint8), wm)
+    return cached_mixtures("analytic", arrays, cfg, signed, x_max, compute)
 
 
 def empirical_mixture(samples: np.ndarray, max_points: int = MAX_LATTICE) -> PartialSumMixture:

@@ -29,7 +29,8 @@ import torch
 from cimstat.errors import CalibrationError
 from cimstat.hardware import LayerConfig
 from cimstat.calibrate.adc_range import (MAX_LATTICE, AdcCalibration, PartialSumMixture, _pass_values, _slices,
-                                         _tile_bounds, calibration_from_mixtures, weight_conversions)
+                                         _tile_bounds, cached_mixtures, calibration_from_mixtures,
+                                         weight_conversions)
 from cimstat.calibrate.input_range import quantize_input_codes
 
 __all__ = ["sampled_mixtures", "sampled_adc_calibration", "lattice_mixture", "PARTIAL_SUMS_PER_SLICE_PAIR",
@@ -173,9 +174,11 @@ def _broadened(values: np.ndarray, counts: np.ndarray, noise_var: float) -> Part
 def sampled_adc_calibration(sample: np.ndarray, spec: Any, cfg: LayerConfig, signed: bool, x_max: float,
                             name: str = "") -> AdcCalibration:
     """Calibrated ADC ranges of one layer from its probed input sample and its folded weights
-    (``AnalogLayerSpec`` or a ``(C_out, K)`` matrix): :func:`sampled_mixtures` then ``choose_adc_range``."""
+    (``AnalogLayerSpec`` or a ``(C_out, K)`` matrix): :func:`sampled_mixtures` (kept in memory for the next ADC
+    setting: :func:`~cimstat.calibrate.adc_range.cached_mixtures`) then ``choose_adc_range``."""
     if cfg.adc_bits is None or cfg.input_bits is None or cfg.weight_bits is None:
         raise CalibrationError(f"layer {name}: ADC calibration needs input_bits, weight_bits and adc_bits")
     wm = spec.weight_matrix.detach().double().numpy() if hasattr(spec, "weight_matrix") else np.asarray(spec)
-    return calibration_from_mixtures(sampled_mixtures(sample, wm, cfg, signed, x_max),
-                                     cfg.adc_max_range(signed, wm.shape[1]), cfg, "sampled")
+    mixtures = cached_mixtures("sampled", (np.asarray(sample), wm), cfg, signed, x_max,
+                               lambda: sampled_mixtures(sample, wm, cfg, signed, x_max))
+    return calibration_from_mixtures(mixtures, cfg.adc_max_range(signed, wm.shape[1]), cfg, "sampled")
