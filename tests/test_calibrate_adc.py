@@ -115,10 +115,11 @@ def test_adc_error_exact_on_a_lattice():
 
 
 @pytest.mark.parametrize("bits,signed", [(3, False), (6, True), (8, False)])
-@pytest.mark.parametrize("thermal_lsb", [0.05, 0.5, 1.3, 4.0])
+@pytest.mark.parametrize("thermal_lsb", [1e-3, 0.05, 0.5, 1.3, 4.0, 150.0])
 def test_adc_error_with_thermal_noise_is_the_exact_sum_over_every_code(bits, signed, thermal_lsb):
     # the tabulated error curve against the sum over *all* output codes with Gaussian CDFs at the thresholds,
-    # for values inside the range, on both ends and far beyond them (clipped), at ranges from 0.3x to 3x
+    # for values inside the range, on both ends and far beyond them (clipped), at ranges from 0.3x to 3x (1e-3 and
+    # 150 LSB: tables too large, the exact sum per value)
     from scipy.special import ndtr
 
     top = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
@@ -135,26 +136,60 @@ def test_adc_error_with_thermal_noise_is_the_exact_sum_over_every_code(bits, sig
         lower = np.where(codes == lo, -np.inf, codes - 0.5)
         p = ndtr((upper - t) / thermal_lsb) - ndtr((lower - t) / thermal_lsb)
         direct = step ** 2 * ((p * (codes - t) ** 2).sum(0) @ mix.probs)
-        assert adc_error(mix, r, bits, signed, thermal_lsb)[0] == pytest.approx(direct, rel=1e-8)
+        assert adc_error(mix, r, bits, signed, thermal_lsb)[0] == pytest.approx(direct, rel=2e-8)
+    assert adc_error(mix, np.empty(0), bits, signed, thermal_lsb).shape == (0,)
+    # the tabulated curve against the sum it tabulates (codes within 6σ + 1 of the noiseless one: that window jumps
+    # at half-integers by ~1e-8 of the sum, which the spline smooths)
+    from cimstat.calibrate.adc_range import _code_error_curve, _code_error_exact
+
+    curve = _code_error_curve(lo, top, thermal_lsb)
+    if curve is not None:
+        t = np.linspace(lo - 3 * top - 10, 3 * top + 10, 20001)
+        np.testing.assert_allclose(curve(t), _code_error_exact(t, lo, top, thermal_lsb), rtol=2e-8, atol=1e-12)
+    else:
+        assert thermal_lsb in (1e-3, 150.0)
 
 
 def test_partial_sum_pmfs_are_reused_across_adc_settings_only():
+    from cimstat.calibrate import adc_range
     from cimstat.calibrate.adc_range import analytic_mixtures
+    from cimstat.calibrate.sampled_adc_range import sampled_adc_calibration, sampled_mixtures
 
     x = correlated_inputs(800, 24, False, seed=3)
     w = np.random.default_rng(5).normal(size=(4, 24))
     ls = linear_layer(x)
+    x_max = float(x.max())
     base = dict(input_bits=5, weight_bits=4, input_slice_bits=1, rows_per_array=16)
-    first = analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=6), False, float(x.max()))
-    # ADC resolution, range and thermal noise do not change the partial sums: the same pmfs
-    again = analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=4, adc_thermal_noise_lsb=1.0), False,
-                              float(x.max()))
+    first = analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=6), False, x_max)
+    # ADC resolution, range and thermal noise do not change the partial sums: the same pmfs ...
+    again = analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=4, adc_thermal_noise_lsb=1.0), False, x_max)
     assert again is first
-    # any other knob, other weights or another input range does
-    assert analytic_mixtures(ls, w, LayerConfig(**{**base, "weight_bits": 5}, adc_bits=6), False,
-                             float(x.max())) is not first
-    assert analytic_mixtures(ls, 2 * w, LayerConfig(**base, adc_bits=6), False, float(x.max())) is not first
-    assert analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=6), False, 0.5 * float(x.max())) is not first
+    # ... as computed afresh for that setting
+    adc_range._MIXTURE_CACHE.clear()
+    fresh = analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=4, adc_thermal_noise_lsb=1.0), False, x_max)
+    assert fresh is not first and fresh.keys() == first.keys()
+    for key, mix in fresh.items():
+        np.testing.assert_array_equal(mix.values, first[key].values)
+        np.testing.assert_array_equal(mix.probs, first[key].probs)
+    # any other knob, other weights or another input range gives other pmfs
+    for knobs in ({**base, "weight_bits": 5}, {**base, "rows_per_array": 8}, {**base, "weight_encoding": "offset"},
+                  {**base, "adc_mode": "separate"}):
+        other = analytic_mixtures(ls, w, LayerConfig(**knobs, adc_bits=6), False, x_max)
+        assert other is not fresh
+        assert any(not np.array_equal(other[k].values, fresh[k].values) for k in fresh if k in other) or \
+            other.keys() != fresh.keys()
+    assert analytic_mixtures(ls, 2 * w, LayerConfig(**base, adc_bits=6), False, x_max) is not fresh
+    assert analytic_mixtures(ls, w, LayerConfig(**base, adc_bits=6), False, 0.5 * x_max) is not fresh
+    # the sampled calibration reuses its pmfs the same way, and chooses the ranges of a fresh computation
+    cfg = LayerConfig(**base, adc_bits=5, adc_range="calibrated", adc_thermal_noise_lsb=0.5)
+    cal = sampled_adc_calibration(x[:200], w, cfg, False, x_max)
+    expected = adc_range.calibration_from_mixtures(sampled_mixtures(x[:200], w, cfg, False, x_max),
+                                                   cfg.adc_max_range(False, 24), cfg, "sampled")
+    np.testing.assert_array_equal(cal.adc_range, expected.adc_range)
+    n_cached = len(adc_range._MIXTURE_CACHE)
+    sampled_adc_calibration(x[:200], w, LayerConfig(**{**base, "adc_bits": 4, "adc_thermal_noise_lsb": 2.0}),
+                            False, x_max)
+    assert len(adc_range._MIXTURE_CACHE) == n_cached
 
 
 def test_calibrated_adc_close_to_empirical_optimum_and_never_worse_than_max():

@@ -219,7 +219,9 @@ def test_weight_rounding_of_every_layer_reaches_the_logits_as_measured(default_p
         analog = convert(model, cfg, eng.resolve(cfg))
         z = torch.cat([analog(x[i:i + 64]) for i in range(0, 256, 64)])
     measured = 10 * np.log10(float((z0 ** 2).sum(1).mean()) / float(((z - z0) ** 2).sum(1).mean()))
-    assert abs(est.fc_snr_db - measured) < 0.7, (est.fc_snr_db, measured)
+    # the linear route's propagation (w4's error-to-signal ratios add up to 1.01: its reported fc SNR is the
+    # mean-field route's)
+    assert abs(est.fc_snr_db_linear - measured) < 0.7, (est.fc_snr_db_linear, measured)
 
 
 def test_output_error_maps_reach_the_logits_through_the_output_gradients(monkeypatch):

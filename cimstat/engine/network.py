@@ -91,7 +91,7 @@ after them. Measured on the default model (MC on 512 validation images unless sa
 TOP1_MAX_LAYER_NSR_SUM = 1.0
 """See :data:`TOP1_MIN_LAYER_SNR_DB`: the largest ``Σ_layers 10^(-SNR_layer/10)`` (isolated) on the linear route: the
 layers' errors together as large as a signal. It was 2.0; measured on the validation sweep (1,000-image MC), the three
-configurations between 1.0 and 2.0 are better on the mean-field route: adc6-cal-offset-weights (ratios 1.31) fc
+configurations between 1.0 and 2.0 have their fc SNR closer to the MC on the mean-field route, and top-1 on two: adc6-cal-offset-weights (ratios 1.31) fc
 12.56 -> 11.85 dB against the MC's 11.27, top-1 98.42 -> 98.53 % against 98.30 %; design-offset-w6 (1.69) fc 10.39
 -> 9.27 dB against 9.07, top-1 98.29 -> 98.22 % against 97.61 %; w4 (1.01) fc 10.04 -> 10.21 dB against 10.37, top-1
 98.90 -> 97.90 % against 98.00 %. Below 1.0 the mean-field route was also closer on fc for thermal1-adc6 (0.28:
@@ -456,7 +456,8 @@ class Engine:
             # weights: there every partial sum carries the offset level times the inputs' sum, which the moved sample
             # (its silent inputs rectified upward) pushes past the range on every channel at once, and the route
             # collapsed (adc6-cal-offset-weights: fc -0.03 dB, top-1 10.2 %, against the MC's 11.27 dB and 98.30 %;
-            # without the shift 11.85 dB and 98.53 %; design-offset-w6 likewise, 9.27 dB and 98.22 % against 9.07 and 97.61)
+            # without the shift 11.85 dB and 98.53 %; design-offset-w6 collapsed too, and without the shift gives
+            # 9.27 dB and 98.22 % against 9.07 dB and 97.61 %)
             moved = (partial(adc_clipping_shift, lm, resolved[name])
                      if (ErrorSource.ADC_QUANTIZATION in le.gain and lm.input_sample is not None
                          and cfg.adc_range is not RangeMode.MAX and cfg.weight_encoding is not WeightEncoding.OFFSET)
