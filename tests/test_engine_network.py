@@ -38,6 +38,9 @@ def test_ideal_config_has_no_error(engine):
     est = _est(engine, input_bits=None, weight_bits=None)
     assert math.isinf(est.conv1_snr_db) and math.isinf(est.fc_snr_db)
     assert est.top1 == pytest.approx(est.top1_clean)
+    # no noise: every probe image is right or wrong for sure, and the image-sampling error is the binomial one
+    n = len(engine.labels)
+    assert est.top1_se == pytest.approx(math.sqrt(est.top1 * (1 - est.top1) / (n - 1)))
 
 
 def test_row_has_the_contract_columns(engine):

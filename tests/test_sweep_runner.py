@@ -19,7 +19,7 @@ import pytest
 
 from cimstat.errors import EstimationError, SweepError
 from cimstat.sweeps.plots import plot_metrics, plot_validation
-from cimstat.sweeps.report import compact_table, validation_report, validation_stats
+from cimstat.sweeps.report import compact_table, top1_error_in_standard_errors, validation_report, validation_stats
 from cimstat.sweeps.rundir import MARKER, RunDir
 from cimstat.sweeps.runner import prepare_run_dir, run_combinations
 from cimstat.sweeps.spec import build_sweep
@@ -214,6 +214,25 @@ def test_validation_report_separates_the_mean_field_route():
     assert "| fc SNR where MC fc SNR < 10 dB (reported) | 0.80 dB | 0.80 dB | 1 |" in text
     assert "| 40.00 mf |" in text and "| 98.00 |" in text
     assert "mean-field route gave fc SNR and top-1 on 1 configuration" in text
+
+
+def test_validation_report_gives_the_top1_error_in_standard_errors():
+    """The top-1 error over the MC's error bar and the estimate's image-sampling one, combined in quadrature."""
+    frame = pd.DataFrame([
+        {"combo": 0, "top1": 0.98, "mc_top1": 0.975, "err_top1_pp": 0.5, "mc_top1_se_pp": 0.3, "top1_se": 0.004},
+        {"combo": 1, "top1": 0.40, "mc_top1": 0.44, "err_top1_pp": -4.0, "mc_top1_se_pp": 1.2, "top1_se": 0.016},
+    ])
+    z = top1_error_in_standard_errors(frame)
+    np.testing.assert_allclose(z, [0.5 / 0.5, -4.0 / 2.0])
+    stats = validation_stats(frame)
+    assert stats["top1_z_max"] == pytest.approx(2.0) and stats["top1_z_beyond_2"] == 0
+    assert stats["top1_se_pp"] == pytest.approx((1.0, 1.6))
+    text = validation_report(frame, [], {"command": "python -m sweeps.validate x.py"})
+    assert "`|err| / √(SE_MC² + SE_est²)` (diagnostic) | 1.50 | 2.00 | 2 (0 beyond 2) |" in text
+    assert "the estimate's own image-sampling error `top1_se` 1.00 / 1.60 pp" in text
+    # without the estimate's error bar (older runs) the row is left out
+    assert "SE_est" not in validation_report(frame.drop(columns="top1_se"), [], {"command": "x"})
+
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time

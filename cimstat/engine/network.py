@@ -44,6 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cimstat.accuracy import correct_probability
 from cimstat.accuracy import top1 as predicted_top1
 from cimstat.errors import EstimationError
 from cimstat.hardware import HardwareConfig, RangeMode, ResolvedLayer, WeightEncoding, load_config
@@ -135,6 +136,10 @@ class Estimate:
     #: why the mean-field route was taken (the linear route's limit that was crossed), empty on the linear route
     route_note: str = ""
     fc_snr_db_meanfield: float = math.nan            #: the mean-field route's fc SNR (dB), NaN on the linear route
+    #: image-sampling standard error of :attr:`top1` (fraction): the spread of the per-image probabilities of a
+    #: correct answer over the probe images, ``sd_n(P_n)/√N`` (of the route that gave it). An accuracy measured on
+    #: other images differs from it by this much on top of its own error bar
+    top1_se: float = math.nan
 
     @property
     def conv1_snr_db(self) -> float:
@@ -174,7 +179,8 @@ class Estimate:
         row: dict[str, Any] = {"config": self.config_name, "conv1_snr_db": self.conv1_snr_db,
                                "fc_snr_db": self.fc_snr_db, "top1": self.top1, "top1_clean": self.top1_clean,
                                "top1_linear": self.top1_linear, "top1_note": self.top1_note, "route": self.route,
-                               "fc_snr_db_linear": self.fc_snr_db_linear, "route_note": self.route_note}
+                               "fc_snr_db_linear": self.fc_snr_db_linear, "route_note": self.route_note,
+                               "top1_se": self.top1_se}
         total = float(sum(v.sum() for v in self.logit_noise.values()))
         for s in ErrorSource:
             v = float(self.logit_noise[s].sum())
@@ -317,6 +323,7 @@ class Engine:
         default = self._estimate(config, resolved, start, False)
         out = self._estimate(config, resolved, start, True)
         out.top1_linear, out.top1, out.top1_note = default.top1_linear, default.top1, default.top1_note
+        out.top1_se = default.top1_se
         out.route, out.route_note, out.fc_snr_db_meanfield = default.route, default.route_note, default.fc_snr_db_meanfield
         return out
 
@@ -377,7 +384,7 @@ class Engine:
                 logit[s] = logit[s] + energy(v, total_shift)
             for name, v in layer_shift.items():
                 per_layer[name] += float(energy(v, total_shift).sum())
-        acc = self._top1(random_var, total_shift, image_var if self._image_weight else None)
+        acc, acc_se = self._top1(random_var, total_shift, image_var if self._image_weight else None)
         fc = snr_db(self.logit_signal, float(sum(v.sum() for v in logit.values())))
         note = ""
         worst = min(layers, key=lambda n: layers[n].snr_db)
@@ -394,13 +401,13 @@ class Engine:
                     "SNR is optimistic there)")
         out = Estimate(config_name=config.name, layers=layers, logit_noise=logit, logit_signal=self.logit_signal,
                        top1=acc, top1_clean=self.top1_clean, seconds=0.0, layer_logit_noise=per_layer,
-                       top1_linear=acc)
+                       top1_linear=acc, top1_se=acc_se)
         if note and not precise:  # the collapse regime: the mean-field route (the precise route takes the default's)
             try:
-                out.fc_snr_db_meanfield, out.top1 = self._meanfield_route(resolved, layers)
+                out.fc_snr_db_meanfield, out.top1, out.top1_se = self._meanfield_route(resolved, layers)
                 out.route, out.route_note = "meanfield", "mean-field route: " + note
             except EstimationError as err:
-                out.top1 = math.nan
+                out.top1 = out.top1_se = math.nan
                 out.top1_note = (f"top-1 not estimated: {note}, and the mean-field route is not available ({err}); "
                                  "run the Monte Carlo referee for this design")
         out.seconds = time.perf_counter() - start
@@ -434,8 +441,10 @@ class Engine:
                 raise EstimationError(self._meanfield) from err
         return self._meanfield
 
-    def _meanfield_route(self, resolved: Mapping[str, ResolvedLayer], layers: Mapping[str, LayerEstimate]) -> tuple[float, float]:
-        """``(fc SNR dB, top-1)`` of the mean-field route (:mod:`.meanfield`) over the probe images."""
+    def _meanfield_route(self, resolved: Mapping[str, ResolvedLayer], layers: Mapping[str, LayerEstimate]
+                         ) -> tuple[float, float, float]:
+        """``(fc SNR dB, top-1, its image-sampling SE)`` of the mean-field route (:mod:`.meanfield`) over the probe
+        images."""
         net = self._meanfield_network()
         perturb = {}
         for name, le in layers.items():
@@ -476,7 +485,8 @@ class Engine:
         mean, var = net.moments(perturb)
         z, y = self.logits[:len(mean)], self.labels[:len(mean)]
         fc = snr_db(float((z ** 2).sum(1).mean()), float(((mean - z) ** 2 + var).sum(1).mean()))
-        return fc, predicted_top1(mean, y, var)
+        p = correct_probability(mean, y, var)
+        return fc, float(p.mean()), _mean_se(p)
 
     def _add_shifts(self, name: str, le: LayerEstimate, logit: dict, shifts: dict, layer_shift: dict) -> None:
         """Accumulate the per-image logit shifts of the layer's deterministic errors."""
@@ -536,21 +546,29 @@ class Engine:
         # random ±1 projections u_d: E_d[(u_d·δz)²] = Σ_j δz_j², spread uniformly over the classes
         return np.full(n_classes, float(e.mean()) / n_classes)
 
-    def _top1(self, random_var: np.ndarray, shift: np.ndarray | None, image_var: np.ndarray | None) -> float:
+    def _top1(self, random_var: np.ndarray, shift: np.ndarray | None, image_var: np.ndarray | None
+              ) -> tuple[float, float]:
         """Top-1 over all probe images with the class-average variances, corrected on the images
-        that carry per-image data (their own variances and logit shifts) by the change it makes."""
+        that carry per-image data (their own variances and logit shifts) by the change it makes; and its
+        image-sampling standard error (that of the class-average part, :attr:`Estimate.top1_se`)."""
         if shift is not None and not self.coherent_per_class:  # projections: the shift's energy counts as noise
             random_var = random_var + self._shift_energy(shift, shift)
             shift = None
-        acc = predicted_top1(self.logits, self.labels, random_var)
+        p = correct_probability(self.logits, self.labels, random_var)
+        acc, se = float(p.mean()), _mean_se(p)
         if shift is None and image_var is None:
-            return acc
+            return acc, se
         n = (shift if shift is not None else image_var).shape[0]
         z, y = self.logits[:n], self.labels[:n]
         var_n = image_var if image_var is not None else random_var
         z_n = z + shift if shift is not None else z
         delta = predicted_top1(z_n, y, var_n) - predicted_top1(z, y, random_var)
-        return float(np.clip(acc + delta, 0.0, 1.0))
+        return float(np.clip(acc + delta, 0.0, 1.0)), se
+
+
+def _mean_se(values: np.ndarray) -> float:
+    """Standard error of the mean of ``values`` (NaN for fewer than two)."""
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
 def weight_error_logit_shift(layer_input, out_grad, err: np.ndarray, geometry: Any) -> np.ndarray:

@@ -76,6 +76,19 @@ def top1_drop_error_pp(frame: pd.DataFrame) -> np.ndarray:
     return 100 * ((est - clean) - (mc - mc_clean))
 
 
+def top1_error_in_standard_errors(frame: pd.DataFrame) -> np.ndarray:
+    """Per configuration, ``(top1 - mc_top1) / √(SE_MC² + SE_est²)``: the MC's top-1 error bar (its images and
+    chips, ``mc_top1_se_pp``) and the estimate's image-sampling one (``top1_se``: the two are on different images);
+    NaN where a column is missing."""
+    cols = ("err_top1_pp", "mc_top1_se_pp", "top1_se")
+    if any(c not in frame.columns for c in cols):
+        return np.full(len(frame), math.nan)
+    err, se_mc, se_est = _num(frame, "err_top1_pp"), _num(frame, "mc_top1_se_pp"), 100 * _num(frame, "top1_se")
+    se = np.sqrt(se_mc ** 2 + se_est ** 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(se > 0, err / np.where(se > 0, se, 1.0), np.nan)
+
+
 def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
     """Error statistics of a validation frame (absolute errors; dB and percentage points)."""
     out: dict[str, Any] = {}
@@ -93,6 +106,10 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
         out[f"top1_{name}_route"] = _stat(np.where(route == name, top1_err, np.nan))
     out["top1_median_pp"], out["top1_max_pp"], out["top1_n"] = _stat(_num(frame, "err_top1_pp"))
     out["drop_median_pp"], out["drop_max_pp"], out["drop_n"] = _stat(top1_drop_error_pp(frame))
+    # the top-1 error in units of its standard error: the MC's (images, chips) and the estimate's own (its images)
+    z = top1_error_in_standard_errors(frame)
+    out["top1_z_median"], out["top1_z_max"], out["top1_z_n"] = _stat(z)
+    out["top1_z_beyond_2"] = int((np.abs(z[np.isfinite(z)]) > 2).sum())
     # MC top-1 error bars over the split without per-image results (cached by an earlier simulator)
     kind = frame["mc_top1_se_kind"] if "mc_top1_se_kind" in frame.columns else pd.Series("", index=frame.index)
     out["top1_unpaired_n"] = int(((kind == "unpaired").to_numpy() & np.isfinite(_num(frame, "mc_top1"))).sum())
@@ -110,10 +127,11 @@ def validation_stats(frame: pd.DataFrame) -> dict[str, Any]:
     out["exact_layers"] = [name for name, err in layer_errors.items() if not np.isfinite(err).any()]
     all_err = np.concatenate(list(layer_errors.values())) if layer_errors else np.array([])
     out["layer_median_db"], out["layer_max_db"], out["layer_n"] = _stat(all_err)
-    for col in ("mc_conv1_snr_se_db", "mc_fc_snr_se_db", "mc_top1_se_pp", "est_seconds", "mc_seconds"):
+    for col in ("mc_conv1_snr_se_db", "mc_fc_snr_se_db", "mc_top1_se_pp", "est_seconds", "mc_seconds", "top1_se"):
         v = _num(frame, col)
         v = v[np.isfinite(v)]
         out[col] = (float(np.median(v)), float(v.max())) if v.size else (math.nan, math.nan)
+    out["top1_se_pp"] = tuple(100 * v for v in out.pop("top1_se"))
     devices = frame["mc_device"].dropna().astype(str) if "mc_device" in frame.columns else None
     out["mc_devices"] = ", ".join(f"{n} on {d}" for d, n in devices.value_counts().items()) if devices is not None \
         and len(devices) else ""
@@ -193,6 +211,9 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
                if s.get("meanfield_n") else []),
              f"| top-1 drop from the float network (each on its own images; diagnostic) | "
              f"{_f(s['drop_median_pp'])} pp | {_f(s['drop_max_pp'])} pp | {s['drop_n']} | – | |",
+             *([f"| top-1 error in standard errors, `|err| / √(SE_MC² + SE_est²)` (diagnostic) | "
+                f"{_f(s['top1_z_median'])} | {_f(s['top1_z_max'])} | {s['top1_z_n']} ({s['top1_z_beyond_2']} "
+                "beyond 2) | – | |"] if s.get("top1_z_n") else []),
              "",
              *([f"The mean-field route gave fc SNR and top-1 on {s['meanfield_n']} configuration(s) (marked `mf` in "
                 "the table): where the linearised fc SNR is below `cimstat.engine.network.TOP1_MIN_FC_SNR_DB`, a "
@@ -208,6 +229,8 @@ def validation_report(frame: pd.DataFrame, parameters: Sequence[str], info: Mapp
              f"{_f(s['mc_conv1_snr_se_db'][0], 3)} / {_f(s['mc_conv1_snr_se_db'][1], 3)} dB, fc SNR "
              f"{_f(s['mc_fc_snr_se_db'][0], 3)} / {_f(s['mc_fc_snr_se_db'][1], 3)} dB (over chip instances), top-1 "
              f"{_f(s['mc_top1_se_pp'][0])} / {_f(s['mc_top1_se_pp'][1])} pp (image sampling and instance spread"
+             + (f"; the estimate's own image-sampling error `top1_se` {_f(s['top1_se_pp'][0])} / "
+                f"{_f(s['top1_se_pp'][1])} pp" if np.isfinite(s.get("top1_se_pp", (math.nan,))[0]) else "")
              + (f"; {s['top1_unpaired_n']} of them from results cached without per-image data, whose error bar "
                 "is the unpaired one of their own images" if s.get("top1_unpaired_n") else "") + "). "
              "The SNR standard errors measure the chip-to-chip and noise spread only (0 for a configuration "
