@@ -165,6 +165,22 @@ def test_estimate_function_reuses_the_engine(default_probes):
     b = estimate(default_probes, "int8")
     assert engine_for(default_probes) is engine_for(default_probes)
     assert a.fc_snr_db == b.fc_snr_db
+    # the number of mean-field images is an engine of its own (the default one is kept)
+    from cimstat.engine.meanfield import MEANFIELD_IMAGES
+
+    few = engine_for(default_probes, meanfield_images=100)
+    assert few.meanfield_images == 100 and few is engine_for(default_probes, meanfield_images=100)
+    assert engine_for(default_probes) is not few
+    assert engine_for(default_probes).meanfield_images == MEANFIELD_IMAGES
+
+
+def test_sweep_commands_refuse_a_meanfield_image_count_below_one(capsys):
+    from cimstat.sweeps.commands import run_main, validate_main
+
+    for main in (run_main, validate_main):
+        with pytest.raises(SystemExit):
+            main(["sweeps/validation.py", "--meanfield-images", "0"])
+        assert "--meanfield-images: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_conv1_matches_mc_on_unseen_images(engine, default_probes):

@@ -624,13 +624,16 @@ def _relative(per_image: np.ndarray) -> np.ndarray:
 _ENGINES: dict[tuple[int, bool], tuple[weakref.ref, Engine]] = {}
 
 
-def engine_for(probes: Any, model: Any = None, *, adc_per_image: bool = False) -> Engine:
-    """The cached :class:`Engine` of a probe set (one per live ``ProbeSet`` object and ADC route)."""
-    key = (id(probes), bool(adc_per_image))
+def engine_for(probes: Any, model: Any = None, *, adc_per_image: bool = False,
+               meanfield_images: int | None = None) -> Engine:
+    """The cached :class:`Engine` of a probe set (one per live ``ProbeSet`` object, ADC route and number of
+    mean-field images; None: :data:`.meanfield.MEANFIELD_IMAGES`)."""
+    meanfield_images = MEANFIELD_IMAGES if meanfield_images is None else meanfield_images
+    key = (id(probes), bool(adc_per_image), meanfield_images)
     hit = _ENGINES.get(key)
     if hit is not None and hit[0]() is probes and model is None:
         return hit[1]
-    eng = Engine(probes, model, adc_per_image=adc_per_image)
+    eng = Engine(probes, model, adc_per_image=adc_per_image, meanfield_images=meanfield_images)
     for k in [k for k, (ref, _) in _ENGINES.items() if ref() is None]:
         del _ENGINES[k]
     _ENGINES[key] = (weakref.ref(probes), eng)
@@ -639,12 +642,15 @@ def engine_for(probes: Any, model: Any = None, *, adc_per_image: bool = False) -
 
 def estimate(probes: Any, config: HardwareConfig | str | Mapping[str, Any],
              resolved: Mapping[str, ResolvedLayer] | None = None, *, model: Any = None,
-             adc_per_image: bool = False) -> Estimate:
+             adc_per_image: bool = False, meanfield_images: int | None = None) -> Estimate:
     """Predict, in closed form, what the Monte Carlo referee would measure for ``config``.
 
     ``probes``: a :class:`cimstat.probes.ProbeSet` (with ``noise_prop``); ``resolved``: every
     range a number (default :func:`cimstat.calibrate.resolve`); ``model``: the float model (or
     a dict of folded ``(C_out, K)`` weight matrices) when the probes are not of the default model;
-    ``adc_per_image``: the precise ADC route (:data:`ADC_PER_IMAGE_NOTE`).
+    ``adc_per_image``: the precise ADC route (:data:`ADC_PER_IMAGE_NOTE`); ``meanfield_images``: probe images the
+    mean-field route runs over (default :data:`.meanfield.MEANFIELD_IMAGES`; fewer: faster in proportion, with a
+    larger ``Estimate.top1_se``).
     """
-    return engine_for(probes, model, adc_per_image=adc_per_image).estimate(config, resolved)
+    return engine_for(probes, model, adc_per_image=adc_per_image,
+                      meanfield_images=meanfield_images).estimate(config, resolved)

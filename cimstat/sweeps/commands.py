@@ -50,6 +50,28 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the engine's precise ADC route: the ADC error of every output of the noise-propagation "
                              "images, propagated per image (5-14 s per configuration for the default model "
                              "instead of 0.1-0.5 s; see cimstat.engine.network.ADC_PER_IMAGE_NOTE)")
+    parser.add_argument("--meanfield-images", type=_positive_int, default=None, metavar="N",
+                        help="probe images the engine's mean-field route (heavily distorted designs) runs over "
+                             "(default: cimstat.engine.meanfield.MEANFIELD_IMAGES, 1000, all of the default model's); "
+                             "fewer is faster in proportion, and the top1_se column shows the larger image-sampling "
+                             "error")
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine settings a resumed run must share, where they differ from the defaults (runs made before they
+    existed resume as before)."""
+    return {} if args.meanfield_images is None else {"meanfield_images": args.meanfield_images}
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def resolve_probe_dir(args_probes: Path | None, spec: SweepSpec, *, progress: bool = True) -> Path:
@@ -100,13 +122,15 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     model_name, _ = probe_defaults(probes.stats.meta)
     combos = list(spec.combinations)
     options = {"probes": str(probe_dir.resolve()), "probe_fingerprint": probes.fingerprint,
-               "model": spec.model or model_name, "weights": str(spec.weights) if spec.weights else None}
+               "model": spec.model or model_name, "weights": str(spec.weights) if spec.weights else None,
+               **_engine_options(args)}
     run_dir, resumed = prepare_run_dir(spec, combos, kind="summary", out_root=args.out, options=options,
                                        resume=args.resume)
     if not args.quiet:
         print(f"{'resuming' if resumed else 'running'} sweep {spec.name!r}: {len(combos)} combinations "
               f"-> {run_dir.path}", file=sys.stderr)
-    evaluator = EstimateEvaluator(probe_dir, spec.model or model_name, spec.weights, adc_per_image=args.adc_per_image)
+    evaluator = EstimateEvaluator(probe_dir, spec.model or model_name, spec.weights, adc_per_image=args.adc_per_image,
+                                  meanfield_images=args.meanfield_images)
     plots: list[Path] = []
 
     def finalize(rd, frame):
@@ -213,7 +237,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
                "weights": str(spec.weights) if spec.weights else None, "dataset": dataset,
                "data_root": str(data_root) if data_root else None, "n_images": args.n_images,
                "instances": args.instances, "programmed_instances": args.programmed_instances, "subset": args.subset,
-               "top1_images": args.top1_images}
+               "top1_images": args.top1_images, **_engine_options(args)}
     cache_dir = None if args.no_mc_cache else Path(args.out) / ".mc-cache"
     if args.export_mc_jobs:
         from cimstat.sweeps.offload import export_mc_jobs
@@ -253,6 +277,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     evaluator = ValidationEvaluator(probe_dir, model_name, spec.weights, dataset, data_root, args.n_images,
                                     args.instances, args.batch_size,
                                     cache_dir, args.programmed_instances, adc_per_image=args.adc_per_image,
+                                    meanfield_images=args.meanfield_images,
                                     device=args.device, top1_images=args.top1_images,
                                     refresh_cache=args.mc_refresh)
     plots: list[Path] = []

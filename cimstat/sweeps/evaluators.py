@@ -81,6 +81,8 @@ class EstimateEvaluator:
     """Also return every layer's isolated SNR as ``snr_db[<layer>]`` columns."""
     adc_per_image: bool = False
     """The engine's precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
+    meanfield_images: int | None = None
+    """Probe images the engine's mean-field route runs over (None: :data:`cimstat.engine.meanfield.MEANFIELD_IMAGES`)."""
 
     def setup(self) -> None:
         from cimstat.calibrate import Calibrations
@@ -110,7 +112,8 @@ class EstimateEvaluator:
         from cimstat.engine import estimate
 
         t0 = time.perf_counter()
-        est = estimate(self._probes, combo.config, resolved, model=self._model, adc_per_image=self.adc_per_image)
+        est = estimate(self._probes, combo.config, resolved, model=self._model, adc_per_image=self.adc_per_image,
+                       meanfield_images=self.meanfield_images)
         seconds = time.perf_counter() - t0
         row = {k: v for k, v in est.to_row().items() if k not in DROPPED_ENGINE_COLUMNS}
         if self.per_layer:
@@ -260,6 +263,8 @@ class ValidationEvaluator:
 
     adc_per_image: bool = False
     """The engine's precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
+    meanfield_images: int | None = None
+    """Probe images the engine's mean-field route runs over (None: :data:`cimstat.engine.meanfield.MEANFIELD_IMAGES`)."""
 
     refresh_cache: bool = False
     """Rerun the Monte Carlo even where a cached result exists, and replace it in the cache."""
@@ -289,7 +294,7 @@ class ValidationEvaluator:
         self._model = load(self.model_name, self.weights)
         self._fingerprint = weights_fingerprint(self._model)
         self._estimator = EstimateEvaluator(self.probe_dir, self.model_name, self.weights, per_layer=True,
-                                            adc_per_image=self.adc_per_image)
+                                            adc_per_image=self.adc_per_image, meanfield_images=self.meanfield_images)
         self._estimator.setup()
         self._estimator._probes.check_model(self._model)
         self._loader = loader(self.dataset, "validation", self.batch_size, self.data_root, n_images=self.n_images)
