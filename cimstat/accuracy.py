@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_ndtr
 
-__all__ = ["correct_probability", "top1"]
+__all__ = ["correct_probability", "top1", "top1_with_se"]
 
 
 def correct_probability(logits: np.ndarray, labels: np.ndarray, noise_var: np.ndarray,
@@ -54,3 +54,12 @@ def correct_probability(logits: np.ndarray, labels: np.ndarray, noise_var: np.nd
 def top1(logits: np.ndarray, labels: np.ndarray, noise_var: np.ndarray, n_nodes: int = 48) -> float:
     """Predicted top-1 accuracy (fraction): mean of :func:`correct_probability`."""
     return float(correct_probability(logits, labels, noise_var, n_nodes).mean())
+
+
+def top1_with_se(logits: np.ndarray, labels: np.ndarray, noise_var: np.ndarray, n_nodes: int = 48
+                 ) -> tuple[float, float]:
+    """``(top-1, its image-sampling standard error)``: mean of :func:`correct_probability` ``P_n`` over the
+    images and ``sd_n(P_n)/√N`` (NaN for a single image), what another image sample may differ by."""
+    p = correct_probability(logits, labels, noise_var, n_nodes)
+    se = float(p.std(ddof=1) / np.sqrt(p.size)) if p.size > 1 else float("nan")
+    return float(p.mean()), se

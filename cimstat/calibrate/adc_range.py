@@ -393,6 +393,11 @@ def partial_sum_mixture(parts: list[tuple[np.ndarray, ...]], r_max: float, n_nod
     return PartialSumMixture(grid[keep], probs[keep])
 
 
+def _noise_width(thermal_lsb: float) -> int:
+    """Codes summed on each side of the noiseless one under thermal noise: ``⌈6σ_th⌉ + 1``."""
+    return int(np.ceil(6 * thermal_lsb)) + 1
+
+
 def _code_error_exact(t: np.ndarray, lo_code: int, top: int, thermal_lsb: float) -> np.ndarray:
     """``Σ_c P(c | t)·(c - t)²`` in LSB² at input ``t`` (LSB units): the hardware quantizer with thermal noise
     ``N(0, σ_th²)`` — Gaussian CDFs at the thresholds ``c ± 1/2`` (end codes take the tails), over the codes within
@@ -400,7 +405,7 @@ def _code_error_exact(t: np.ndarray, lo_code: int, top: int, thermal_lsb: float)
     from scipy.special import ndtr
 
     t = np.asarray(t, dtype=np.float64)
-    width = int(np.ceil(6 * thermal_lsb)) + 1
+    width = _noise_width(thermal_lsb)
     codes = np.clip(np.round(t), lo_code, top)[None, :] + np.arange(-width, width + 1)[:, None]
     valid = (codes >= lo_code) & (codes <= top)
     upper = np.where(codes >= top, np.inf, codes + 0.5)
@@ -416,14 +421,14 @@ CODE_ERROR_MAX_NODES = 2 ** 20
 """Most spline nodes of one curve (32 MB of coefficients); beyond (thermal noise below ~0.03 LSB at 8 bits)
 :func:`adc_error` sums the codes exactly per value."""
 CODE_ERROR_MAX_TERMS = 2 ** 26
-"""Most (node, code) terms of one curve's table (thermal noise of hundreds of LSB): beyond, the exact sum too."""
+"""Most (node, code) terms of one curve's table (thermal noise above ~50 LSB at 8 bits): beyond, the exact sum too."""
 _CHUNK_TERMS = 2 ** 21
 
 
 def _code_error_chunked(t: np.ndarray, lo_code: int, top: int, thermal_lsb: float) -> np.ndarray:
     """:func:`_code_error_exact` over ``t`` in pieces of at most :data:`_CHUNK_TERMS` (value, code) terms."""
     t = np.asarray(t, dtype=np.float64).ravel()
-    step = max(1, _CHUNK_TERMS // (2 * (int(np.ceil(6 * thermal_lsb)) + 1) + 1))
+    step = max(1, _CHUNK_TERMS // (2 * _noise_width(thermal_lsb) + 1))
     if t.size <= step:
         return _code_error_exact(t, lo_code, top, thermal_lsb)
     return np.concatenate([_code_error_exact(t[a:a + step], lo_code, top, thermal_lsb)
@@ -433,15 +438,15 @@ def _code_error_chunked(t: np.ndarray, lo_code: int, top: int, thermal_lsb: floa
 @functools.lru_cache(maxsize=8)
 def _code_error_curve(lo_code: int, top: int, thermal_lsb: float):
     """:func:`_code_error_exact` as a function of ``t`` alone (it does not depend on the range: the noise scales
-    with the LSB), tabulated once per (codes, σ_th) as a cubic spline over ``[lo - w, top + w]`` (``w = 6σ_th + 3``);
+    with the LSB), tabulated once per (codes, σ_th) as a cubic spline over ``[lo - w, top + w]`` (``w = ⌈6σ_th⌉ + 3``);
     beyond, only the end code is reachable and the error is ``(t - end)²``. None where the table would exceed
     :data:`CODE_ERROR_MAX_NODES` or :data:`CODE_ERROR_MAX_TERMS`."""
     from scipy.interpolate import CubicSpline
 
-    pad = np.ceil(6 * thermal_lsb) + 3
+    pad = _noise_width(thermal_lsb) + 2
     lo, hi = lo_code - pad, top + pad
     n = int(np.ceil((hi - lo) * CODE_ERROR_NODES_PER_LSB / min(thermal_lsb, 1.0))) + 1
-    if n > CODE_ERROR_MAX_NODES or n * (2 * (int(np.ceil(6 * thermal_lsb)) + 1) + 1) > CODE_ERROR_MAX_TERMS:
+    if n > CODE_ERROR_MAX_NODES or n * (2 * _noise_width(thermal_lsb) + 1) > CODE_ERROR_MAX_TERMS:
         return None
     grid = np.linspace(lo, hi, n)
     coef = CubicSpline(grid, _code_error_chunked(grid, lo_code, top, thermal_lsb)).c    # (4, n - 1), uniform knots
@@ -584,9 +589,14 @@ def analytic_mixtures(ls: Any, weight_matrix: np.ndarray, cfg: LayerConfig, sign
         table = factor_partial_sums(ls, wm, cfg, signed, x_max)
         return {(j, s): factor_mixture(comp, float(r_max[j, s])) for j, row in enumerate(table)
                 for s, comp in enumerate(row)}
-    arrays = (np.asarray(ls.row_sq_mean, dtype=np.float64), np.asarray(ls.hist_counts, dtype=np.float64),
-              np.frombuffer(str(getattr(ls, "name", "")).encode(), dtype=np.uint8), wm)
-    return cached_mixtures("analytic", arrays, cfg, signed, x_max, compute)
+    stats = [getattr(ls, a, None) for a in _ANALYTIC_STATISTICS]
+    arrays = (*(np.asarray(a) for a in stats if a is not None), wm)
+    return cached_mixtures(f"analytic {getattr(ls, 'name', '')}", arrays, cfg, signed, x_max, compute)
+
+
+_ANALYTIC_STATISTICS = ("row_sq_mean", "row_mean", "hist_edges", "hist_counts", "zero_counts", "total_counts",
+                        "m_eigvecs", "m_eigvals", "m_resid_diag", "m_dense")
+"""Probe statistics of a layer the analytic pmfs may read: all in :func:`analytic_mixtures`' key (those present)."""
 
 
 def empirical_mixture(samples: np.ndarray, max_points: int = MAX_LATTICE) -> PartialSumMixture:

@@ -44,13 +44,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cimstat.accuracy import correct_probability
 from cimstat.accuracy import top1 as predicted_top1
+from cimstat.accuracy import top1_with_se
 from cimstat.errors import EstimationError
-from cimstat.hardware import HardwareConfig, RangeMode, ResolvedLayer, WeightEncoding, load_config
+from cimstat.hardware import HardwareConfig, ResolvedLayer, load_config
 
 from .layer import (ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, adc_clipping_shift, adc_curvature,
-                    estimate_layer)
+                    clipping_shift_applies, estimate_layer)
 from .meanfield import MEANFIELD_IMAGES, MEANFIELD_INPUT_ELEMENTS, LayerPerturbation, MeanFieldNetwork
 from cimstat.metrics import snr_db
 
@@ -97,7 +97,7 @@ configurations between 1.0 and 2.0 have their fc SNR closer to the MC on the mea
 -> 9.27 dB against 9.07, top-1 98.29 -> 98.22 % against 97.61 %; w4 (1.01) fc 10.04 -> 10.21 dB against 10.37, top-1
 98.90 -> 97.90 % against 98.00 %. Below 1.0 the mean-field route was also closer on fc for thermal1-adc6 (0.28:
 13.22 -> 12.53 dB, MC 12.47), thermal2-adc6 (0.74: 7.15 -> 6.83, MC 6.56) and read5%-state-indep-w2slices (0.51:
-11.95 -> 11.83, MC 11.58), but at 10-25 s per estimate instead of 0.1-2 s, where the linear route is within 0.8 dB
+11.95 -> 11.83, MC 11.58), but at 12-28 s per estimate instead of 0.1-2 s, where the linear route is within 0.8 dB
 and 0.9 pp."""
 
 
@@ -461,16 +461,9 @@ class Engine:
             if cfg.weight_bits is not None:  # weight rounding is one fixed draw: applied exactly
                 weight = lm.weights(cfg).dequantized
                 rest = rest - le.error[ErrorSource.WEIGHT_QUANTIZATION]
-            # the ADC clipping of the sampled route, moved to the noisy network's operating point; not with offset
-            # weights: there every partial sum carries the offset level times the inputs' sum, which the moved sample
-            # (its silent inputs rectified upward) pushes past the range on every channel at once, and the route
-            # collapsed (adc6-cal-offset-weights: fc -0.03 dB, top-1 10.2 %, against the MC's 11.27 dB and 98.30 %;
-            # without the shift 11.85 dB and 98.53 %; design-offset-w6 collapsed too, and without the shift gives
-            # 9.27 dB and 98.22 % against 9.07 dB and 97.61 %)
+            # the ADC clipping of the sampled route, moved to the noisy network's operating point (where it applies)
             moved = (partial(adc_clipping_shift, lm, resolved[name])
-                     if (ErrorSource.ADC_QUANTIZATION in le.gain and lm.input_sample is not None
-                         and cfg.adc_range is not RangeMode.MAX and cfg.weight_encoding is not WeightEncoding.OFFSET)
-                     else None)
+                     if ErrorSource.ADC_QUANTIZATION in le.gain and clipping_shift_applies(lm, resolved[name]) else None)
             # the ADC error's part that is a cubic in the output (clipping beyond the linear gain) goes on the means
             cubic = adc_curvature(lm, resolved[name]) if ErrorSource.ADC_QUANTIZATION in le.gain else None
             curves = () if cubic is None else (cubic,)
@@ -485,8 +478,7 @@ class Engine:
         mean, var = net.moments(perturb)
         z, y = self.logits[:len(mean)], self.labels[:len(mean)]
         fc = snr_db(float((z ** 2).sum(1).mean()), float(((mean - z) ** 2 + var).sum(1).mean()))
-        p = correct_probability(mean, y, var)
-        return fc, float(p.mean()), _mean_se(p)
+        return (fc, *top1_with_se(mean, y, var))
 
     def _add_shifts(self, name: str, le: LayerEstimate, logit: dict, shifts: dict, layer_shift: dict) -> None:
         """Accumulate the per-image logit shifts of the layer's deterministic errors."""
@@ -554,8 +546,7 @@ class Engine:
         if shift is not None and not self.coherent_per_class:  # projections: the shift's energy counts as noise
             random_var = random_var + self._shift_energy(shift, shift)
             shift = None
-        p = correct_probability(self.logits, self.labels, random_var)
-        acc, se = float(p.mean()), _mean_se(p)
+        acc, se = top1_with_se(self.logits, self.labels, random_var)
         if shift is None and image_var is None:
             return acc, se
         n = (shift if shift is not None else image_var).shape[0]
@@ -564,11 +555,6 @@ class Engine:
         z_n = z + shift if shift is not None else z
         delta = predicted_top1(z_n, y, var_n) - predicted_top1(z, y, random_var)
         return float(np.clip(acc + delta, 0.0, 1.0)), se
-
-
-def _mean_se(values: np.ndarray) -> float:
-    """Standard error of the mean of ``values`` (NaN for fewer than two)."""
-    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
 def weight_error_logit_shift(layer_input, out_grad, err: np.ndarray, geometry: Any) -> np.ndarray:
@@ -621,7 +607,7 @@ def _relative(per_image: np.ndarray) -> np.ndarray:
     return np.where(mean > 0, v / np.where(mean > 0, mean, 1.0), 1.0)
 
 
-_ENGINES: dict[tuple[int, bool], tuple[weakref.ref, Engine]] = {}
+_ENGINES: dict[tuple[int, bool, int], tuple[weakref.ref, Engine]] = {}
 
 
 def engine_for(probes: Any, model: Any = None, *, adc_per_image: bool = False,
