@@ -3,7 +3,8 @@ to check the estimate against the Monte Carlo where nobody looked before::
 
     python -m sweeps.validate sweeps/stress.py --n-images 200 --instances 2 --programmed-instances 4
 
-(about an hour on a 2-core CPU: the bit-serial, 1-bit-weight-slice design u3 alone takes ~33 min of Monte Carlo).
+(64 min on a 2-core CPU shared with other work; the bit-serial, 1-bit-weight-slice design u3 alone took 33 min of
+Monte Carlo).
 Its results are not committed; the README's "Stress sweep" paragraph lists what it found.
 """
 name = "stress"
