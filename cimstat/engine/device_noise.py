@@ -120,6 +120,10 @@ class DeviceNoise:
         """Var δ (both sources) of every device of slice ``l``."""
         return self.tables[l].var[levels]
 
+    def slice_var_prog(self, levels: np.ndarray, l: int) -> np.ndarray:
+        """The share of Var δ fixed per chip (programming error) of every device of slice ``l``."""
+        return self.tables[l].var_prog[levels]
+
 
 def device_noise(levels: list[np.ndarray] | None, cfg: LayerConfig, codes: np.ndarray | None = None) -> DeviceNoise:
     """Device-noise statistics from the target levels of every slice (``device_levels``).

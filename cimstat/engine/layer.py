@@ -100,6 +100,14 @@ def _nbytes(obj: Any, depth: int = 0) -> int:
 _H_CUT = 3.6  #: rounding correlation h(u) < 1e-30 beyond this u (see LayerModel.rounding_correlation)
 
 
+COHERENT_GROUPS = ((ErrorSource.INPUT_QUANTIZATION,), (ErrorSource.WEIGHT_QUANTIZATION,),
+                   (ErrorSource.PROGRAMMING_ERROR, ErrorSource.READ_NOISE),
+                   (ErrorSource.ADC_QUANTIZATION, ErrorSource.ADC_THERMAL_NOISE))
+"""The causes whose deterministic parts :attr:`LayerEstimate.interaction` combines: sources in one group share one
+deterministic error (the devices' clipping bias is split between programming error and read noise by energy; the
+ADC thermal noise's offset term already holds its product with the rounding's)."""
+
+
 @dataclass
 class LayerEstimate:
     """Expected squared error per output channel of one layer (output units², per position)."""
@@ -121,10 +129,40 @@ class LayerEstimate:
     #: the precise ADC route (``LayerModel.adc_image_vectors``): the deterministic ADC quantization error of every
     #: output of the noise-propagation images, (N·P, C_out) image-major, output units; None on the default route
     adc_map: np.ndarray | None = None
+    #: (C_out,) ``E[(W_c·x)²]`` and ``E[W_c·x]`` (the float output without its bias): the moments the gains and
+    #: offsets above are fitted on, which :attr:`interaction` needs; None leaves the sources' errors uncombined
+    output_moments: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def interaction(self) -> np.ndarray:
+        """(C_out,) what the deterministic parts ``d_g = a_g·y + m_g`` of different causes add when they meet on one
+        chip: ``E[(Σ_g d_g)²] - Σ_g E[d_g²] = Σ_{g≠h} (a_g a_h E[y²] + 2 a_g m_h E[y] + m_g m_h)``, each cause's
+        :attr:`error` holding only its own square. The causes (:data:`COHERENT_GROUPS`): the input rounding, the
+        devices' clipping bias (split between programming error and read noise by energy, so counted once), the
+        ADC (its thermal part's offset already carries its cross term with the rounding's). It can be negative: on
+        conv1 with offset-encoded inputs and 3 % programming error (u2 of ``sweeps/stress.py``) the devices' offset
+        cancels part of the input rounding's and of the ADC's."""
+        zeros = np.zeros_like(self.signal)
+        if self.output_moments is None:
+            return zeros
+        ey2, ey = self.output_moments
+        parts = []
+        for group in COHERENT_GROUPS:
+            a = sum((self.gain[s] for s in group if s in self.gain), zeros)
+            m = sum((self.offset[s] for s in group if s in self.offset), zeros)
+            if np.any(a) or np.any(m):
+                parts.append((a, m))
+        if len(parts) < 2:
+            return zeros
+        a_sum, m_sum = sum((a for a, _ in parts), zeros), sum((m for _, m in parts), zeros)
+        together = a_sum * a_sum * ey2 + 2 * a_sum * m_sum * ey + m_sum * m_sum
+        apart = sum((a * a * ey2 + 2 * a * m * ey + m * m for a, m in parts), zeros)
+        return together - apart
 
     @property
     def total(self) -> np.ndarray:
-        return sum(self.error.values(), np.zeros_like(self.signal))
+        """(C_out,) expected squared error with every source present: the sources' errors plus :attr:`interaction`."""
+        return np.maximum(sum(self.error.values(), np.zeros_like(self.signal)) + self.interaction, 0.0)
 
     @property
     def snr_db(self) -> float:
@@ -517,13 +555,15 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
 
 def _conversion_noise_terms(levels: list[np.ndarray], noise: DeviceNoise | None):
     """``noise_terms(li, devs)`` of :func:`.sampled_adc.sampled_adc_error`: None without device noise, else the
-    device deviation's mean (signs applied) and variance per (C_out, K) for that conversion."""
+    device deviation's mean (signs applied), variance and the variance's programming-error share per (C_out, K)
+    for that conversion."""
     def noise_terms(li: int, devs: tuple[int, ...]):
         if noise is None:
             return None
         lv = levels[li][list(devs)]
         sgn = np.array([1.0, -1.0]) if len(devs) == 2 else np.array([1.0])
-        return np.tensordot(sgn, noise.slice_bias(lv, li), axes=1), noise.slice_var(lv, li).sum(0)
+        return (np.tensordot(sgn, noise.slice_bias(lv, li), axes=1), noise.slice_var(lv, li).sum(0),
+                noise.slice_var_prog(lv, li).sum(0))
     return noise_terms
 
 
@@ -592,8 +632,12 @@ def _sampled_adc_terms(model: LayerModel, cfg: LayerConfig, ranges, noise: Devic
         q_white = t.white - thermal_white
     else:
         q_white = t.white
-    q_energy = np.maximum(q_energy, 0.0)  # may go below 0 only by absorbing device noise (see sampled_adc)
-    error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * q_energy
+    # below 0 where the ADC absorbs device deviations (a partial sum whose deviation crosses no threshold converts
+    # as if it had none: see sampled_adc), by at most the devices' own error (measured on conv1 of the default
+    # model, 8-bit split inputs in 1-bit slices, 2-bit weight slices, 6-bit calibrated ADC, 3 % read noise: the
+    # Monte Carlo's ADC lowers the error of the devices alone by 7 %, and clipping this at 0 had it 0 %)
+    device = error[ErrorSource.PROGRAMMING_ERROR] + error[ErrorSource.READ_NOISE]
+    error[ErrorSource.ADC_QUANTIZATION] = np.maximum(scale ** 2 * q_energy, -device)
     if precise and model.adc_image_vectors is not None and noise is None:
         # the precise route: the deterministic error of every output of the images goes per image (the map),
         # in place of its gain, offset and white residual
@@ -637,6 +681,7 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
         raise EstimationError(f"layer {model.name}: programming_error/read_noise with input_bits=None (float inputs) "
                               "has no integer partial sum to perturb; quantize the inputs or set the noise to 0")
     ch = model.channel_of_row
+    moments = (model.moment.quad_form(model.weight), model.moment.pinned_mean(model.weight))
 
     # weights
     if cfg.weight_bits is not None:
@@ -722,7 +767,7 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
             adc_map = _sampled_adc_terms(model, cfg, ranges, noise, scale, error, white, gain, offset, adc_per_image)
             return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
                                  fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps,
-                                 adc_map=adc_map)
+                                 output_moments=moments, adc_map=adc_map)
         var_q, var_t, mean_q, mean_t = _adc_error(model, cfg, ranges, plan, model.levels(cfg), noise)
         error[ErrorSource.ADC_QUANTIZATION] = scale ** 2 * (var_q + mean_q ** 2)
         error[ErrorSource.ADC_THERMAL_NOISE] = scale ** 2 * np.maximum(
@@ -732,7 +777,8 @@ def estimate_layer(model: LayerModel, resolved: ResolvedLayer, adc_per_image: bo
         offset[ErrorSource.ADC_QUANTIZATION] = scale * mean_q
         offset[ErrorSource.ADC_THERMAL_NOISE] = scale * mean_t
     return LayerEstimate(name=model.name, error=error, signal=model.signal, white=white, fixed=fixed,
-                         fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps)
+                         fixed_channel=fixed_channel, gain=gain, offset=offset, weight_maps=weight_maps,
+                         output_moments=moments)
 
 
 CLIPPING_EXTRA_BITS = 6

@@ -181,13 +181,15 @@ def _conditional_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float,
 
 
 def _pointwise_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float, lo: int, hi: int,
-                     sigma_n: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_conditional_error` element by element."""
+                     sigma_n: float, absorption: bool = False):
+    """:func:`_conditional_error` element by element; with ``absorption`` also ``κ = E[d̃·err] / σ_d²`` (-1 where
+    the ADC absorbs the deviation whole, 0 where it passes it on: ``(σ_d²/σ_w²)·E[(Q(v) - v)·w] / σ_d²``)."""
     flat = np.asarray(p, dtype=np.float64).ravel()
     vd = np.zeros_like(flat) if sigma_d2 is None else np.broadcast_to(sigma_d2, p.shape).ravel()
     sw = np.sqrt(vd + sigma_n ** 2)
     mean = np.empty_like(flat)
     sq = np.empty_like(flat)
+    kappa = np.full_like(flat, -1.0)
     exact = sw <= 1e-9 * delta
     if exact.any():
         code = np.clip(np.round(flat[exact] / delta), lo, hi)
@@ -204,11 +206,13 @@ def _pointwise_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float, l
         ss = sw[smooth]
         m, q, cross = _smooth_moments(flat[smooth], ss, delta, lo, hi)
         mean[smooth] = m
+        kappa[smooth] = cross / (ss * ss)
         sq[smooth] = _with_noise(q, cross, ss, vd[smooth], sigma_n)
     i = np.flatnonzero(~exact & ~smooth & (sw >= 0.499 * delta))
     if i.size:
         m, q, cross = fourier_cell_moments(flat[i], sw[i], delta, lo, hi)
         mean[i] = m
+        kappa[i] = cross / (sw[i] * sw[i])
         sq[i] = _with_noise(q, cross, sw[i], vd[i], sigma_n)
     narrow = ~exact & (sw < 0.499 * delta)
     # no ADC threshold within 6σ: the code is that of P (err = Q(P) - P - d̃: E[err²] = (Q(P)-P)² + σ_d²,
@@ -228,8 +232,10 @@ def _pointwise_error(p: np.ndarray, sigma_d2: np.ndarray | None, delta: float, l
         if i.size:
             m, q, cross = gaussian_cell_moments(flat[i], sw[i], delta, lo, hi, cells, _CHUNK)
             mean[i] = m
+            kappa[i] = cross / (sw[i] * sw[i])
             sq[i] = _with_noise(q, cross, sw[i], vd[i], sigma_n)
-    return mean.reshape(p.shape), (sq - mean * mean).reshape(p.shape)
+    out = mean.reshape(p.shape), (sq - mean * mean).reshape(p.shape)
+    return out + (kappa.reshape(p.shape),) if absorption else out
 
 
 def _unique_rows(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -452,7 +458,8 @@ def _conditional_errors(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig
     lo, hi = adc_code_limits(cfg.adc_bits, cfg.adc_signed)
     det = np.zeros((n_s, c_out))    # E[e | x] per vector and channel
     rand = np.zeros((n_s, c_out))   # Var[e | x]
-    dev_t = {key: None if t is None else (np.ascontiguousarray(t[0].T), np.ascontiguousarray(t[1].T))
+    dev_t = {key: None if t is None else (np.ascontiguousarray(t[0].T), np.ascontiguousarray(t[1].T),
+                                          np.ascontiguousarray(t[2].T) if len(t) > 2 else None)
              for key, t in dev_terms.items()}
     sums = cache(("partial_sums", cfg.input_bits, bool(signed), float(x_range),
                   cfg.signed_input_encoding if signed else None, widths_in, cfg.weight_bits, cfg.weight_scale,
@@ -463,23 +470,49 @@ def _conditional_errors(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig
                        sigma_n_lsb)
     else:  # device noise: per element (P plus the deviation's mean, its variance)
         bias = np.zeros((n_s, c_out))  # the device deviations' mean, shifted and added like the conversions
-        for (sign_in, ji, o_in, (a, b), st), per_conv in zip(_slices(codes, cfg, signed, tiles, device), sums):
-            for li, conv_list in enumerate(conversions):
-                delta = float(adc_table[ji, li]) / hi
-                for ci, (sign_pol, _, devs) in enumerate(conv_list):
+        passes = list(zip(_slices(codes, cfg, signed, tiles, device), sums))
+        # the programming error is one draw per device for every input pass: with more than one pass, a conversion's
+        # ADC error also meets the deviations of the other passes through the same devices (below)
+        repeated = len(cfg.input_slices(signed)) * len(_pass_encodings(cfg, signed)) > 1
+        full = sum(sign * applied_codes(codes, cfg.input_bits, signed, enc, pol).astype(np.float64)
+                   for sign, enc, pol in _pass_encodings(cfg, signed)) if repeated else None
+        for li, conv_list in enumerate(conversions):
+            for ci, (sign_pol, _, devs) in enumerate(conv_list):
+                dev = dev_t[(li, devs)]
+                shared = repeated and dev[2] is not None and bool(np.any(dev[2]))
+                gathered: dict[tuple[int, int], list] = {}  # per tile: (w_i κ_i, s_i) of its passes
+                for (sign_in, ji, o_in, (a, b), st), per_conv in passes:
+                    delta = float(adc_table[ji, li]) / hi
                     w = sign_in * sign_pol * 2.0 ** (o_in + offsets_w[li])
                     ps = per_conv[li][ci]
-                    dev = dev_t[(li, devs)]
                     p = np.zeros((n_s, c_out)) if ps is None else ps[0][ps[1]].astype(np.float64)
-                    vd = np.zeros((n_s, c_out))
-                    if st is not None:
-                        mu = st @ dev[0][a:b]
-                        p += mu
-                        bias += w * mu
-                        vd = (st * st) @ dev[1][a:b]
-                    m, v = _conditional_error(p, vd, delta, lo, hi, sigma_n_lsb * delta)
+                    if st is None:
+                        m, v = _conditional_error(p, np.zeros((n_s, c_out)), delta, lo, hi, sigma_n_lsb * delta)
+                        det += w * m
+                        rand += w * w * v
+                        continue
+                    mu = st @ dev[0][a:b]
+                    p += mu
+                    bias += w * mu
+                    vd = (st * st) @ dev[1][a:b]
+                    m, v, kappa = _pointwise_error(p, vd, delta, lo, hi, sigma_n_lsb * delta, absorption=True)
                     det += w * m
                     rand += w * w * v
+                    if shared:
+                        # jointly Gaussian deviations, to first order in their covariance C_ii' = Σ_k s_ik s_i'k Var_p,k
+                        # (the same devices in passes i and i'): E[err_i·d_i'] = κ_i C_ii', E[err_i·err_i'] = κ_i κ_i' C_ii'.
+                        # The pass's own terms are in v; here 2·w_i κ_i Σ_{i'≠i} w_i' C_ii', where Σ_i' w_i' C_ii' =
+                        # sign·2^{o_l}·Σ_k s_ik Var_p,k u_k (u the code all passes apply); the products of the ADC
+                        # errors of two passes below
+                        vp = (st * st) @ dev[2][a:b]
+                        cov = sign_pol * 2.0 ** offsets_w[li] * ((st * full[:, a:b]) @ dev[2][a:b])
+                        wk = w * kappa
+                        rand += 2 * wk * (cov - w * vp)
+                        gathered.setdefault((a, b), []).append((wk, st))
+                for (a, b), members in gathered.items():  # 2·Σ_{i<i'} w_i κ_i w_i' κ_i' C_ii'
+                    for n, (wk, st) in enumerate(members):
+                        for wk2, st2 in members[n + 1:]:
+                            rand += 2 * wk * wk2 * ((st * st2) @ dev[2][a:b])
     return det[inverse], rand[inverse], (bias[inverse] if device else None), rows, weights
 
 
@@ -550,7 +583,9 @@ def _split(det: np.ndarray, rand: np.ndarray, y: np.ndarray, weights: np.ndarray
     ``E[b²]``). The output error is ``det + b``, so the ADC's share is ``E[det² + 2·det·b]``: the cross term is
     the ADC's nonlinearity acting on the bias (measured on conv1 of the default model, 4-bit calibrated ADC,
     2 LSB thermal noise, 2 % read noise: +18 % of the ADC error; without it the estimate was 0.7 dB optimistic
-    on the layer's own input sample). Its residual part joins the white energy the same way."""
+    on the layer's own input sample). Only its part beyond gain and offset, ``2·E[r·r_b]``, is counted here: the
+    product of the two coherent parts is the layer's ``LayerEstimate.interaction`` (with every other cause's).
+    The residual part joins the white energy the same way."""
     if weights is None:
         def mean(a: np.ndarray) -> np.ndarray:
             return a.mean(0)
@@ -576,7 +611,7 @@ def _split(det: np.ndarray, rand: np.ndarray, y: np.ndarray, weights: np.ndarray
         eb = mean(b)
         gain_b = np.where(var_y > 0, (mean(b * y) - eb * ey) / np.where(var_y > 0, var_y, 1.0), 0.0)
         r_b = b - gain_b * y - (eb - gain_b * ey)
-        energy = energy + 2 * mean(det * b)
+        energy = energy + 2 * mean(r * r_b)
         residual_sq = residual_sq + 2 * r * r_b
     if grad_weight is None:
         random_white, white = random, mean(residual_sq) + random
