@@ -111,7 +111,7 @@ def test_cached_partial_sums_give_the_fresh_numbers(default_probes, knobs):
     """A sweep over ADC bits and thermal noise reuses the layer's integer partial sums: every result equals
     the one from a layer model that computes them afresh."""
     from cimstat.engine import engine_for
-    from cimstat.engine.layer import _conversions
+    from cimstat.engine.layer import _conversion_noise_terms, _conversions
     from cimstat.engine.sampled_adc import sampled_adc_error
 
     lm = engine_for(default_probes).layers["layer1.0.conv1"]
@@ -129,12 +129,7 @@ def test_cached_partial_sums_give_the_fresh_numbers(default_probes, knobs):
         levels = lm.levels(cfg)
         noise = lm.noise(cfg) if knobs else None
 
-        def noise_terms(li, devs):
-            if noise is None:
-                return None
-            lv = levels[li][list(devs)]
-            sgn = np.array([1.0, -1.0]) if len(devs) == 2 else np.array([1.0])
-            return np.tensordot(sgn, noise.slice_bias(lv, li), axes=1), noise.slice_var(lv, li).sum(0)
+        noise_terms = _conversion_noise_terms(levels, noise)
         table = np.full((4, 2), 40.0 * 2 ** (6 - bits))
         args = (lm.input_sample, lm.weight, cfg, False, x_range, table, _conversions(levels, cfg), noise_terms, sigma)
         reused = sampled_adc_error(*args, cache=cache)

@@ -28,7 +28,7 @@ import numpy as np
 
 from .moments import SecondMoment
 
-__all__ = ["CoherentSplit", "coherent_parts", "split_coherent"]
+__all__ = ["CoherentSplit", "coherent_energy", "coherent_parts", "split_coherent"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class CoherentSplit:
         return self.coherent_sq + self.residual_sq
 
 
+def coherent_energy(a: np.ndarray, m: np.ndarray, ey2: np.ndarray, ey: np.ndarray) -> np.ndarray:
+    """``E[(a·y + m)²] = a²·E[y²] + 2am·E[y] + m²`` per channel."""
+    return a * a * ey2 + 2 * a * m * ey + m * m
+
+
 def coherent_parts(ey: np.ndarray, quad_w: np.ndarray, ev: np.ndarray, k: np.ndarray | float,
                    cross_vw: np.ndarray, quad_v: np.ndarray) -> CoherentSplit:
     """The split from the channel's moments alone (no per-weight remainder): ``ey = W·μ``,
@@ -56,7 +61,7 @@ def coherent_parts(ey: np.ndarray, quad_w: np.ndarray, ev: np.ndarray, k: np.nda
     cov = cross_vw - ev * ey
     a = np.where(var_y > 0, cov / np.where(var_y > 0, var_y, 1.0), 0.0)
     m = ev + k - a * ey
-    coherent_sq = a * a * (var_y + ey * ey) + 2 * a * m * ey + m * m
+    coherent_sq = coherent_energy(a, m, var_y + ey * ey, ey)
     var_r = quad_v - 2 * a * cross_vw + a * a * quad_w - (ev - a * ey) ** 2
     return CoherentSplit(gain=a, offset=m, coherent_sq=np.maximum(coherent_sq, 0.0),
                          residual_sq=np.maximum(var_r, 0.0))

@@ -30,7 +30,7 @@ from cimstat.stats import ChannelDistribution
 
 from .adc import adc_code_limits, conversion_error, conversion_errors
 from .device_noise import DeviceNoise, device_noise
-from .coherent import coherent_parts, split_coherent
+from .coherent import coherent_energy, coherent_parts, split_coherent
 from .input_quantization import InputPlan, input_error_terms, input_plan
 from .moments import SecondMoment
 from .sampled_adc import ChannelCubic, SampledError, adc_error_map, budget_rows, sampled_adc_error, sampled_input_error
@@ -155,9 +155,8 @@ class LayerEstimate:
         if len(parts) < 2:
             return zeros
         a_sum, m_sum = sum((a for a, _ in parts), zeros), sum((m for _, m in parts), zeros)
-        together = a_sum * a_sum * ey2 + 2 * a_sum * m_sum * ey + m_sum * m_sum
-        apart = sum((a * a * ey2 + 2 * a * m * ey + m * m for a, m in parts), zeros)
-        return together - apart
+        apart = sum((coherent_energy(a, m, ey2, ey) for a, m in parts), zeros)
+        return coherent_energy(a_sum, m_sum, ey2, ey) - apart
 
     @property
     def total(self) -> np.ndarray:

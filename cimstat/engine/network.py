@@ -51,6 +51,7 @@ from cimstat.hardware import HardwareConfig, ResolvedLayer, load_config
 
 from .layer import (ENGINE_CACHE_BYTES, CacheBudget, LayerEstimate, LayerModel, adc_clipping_shift, adc_curvature,
                     clipping_shift_applies, estimate_layer)
+from .coherent import coherent_energy
 from .meanfield import MEANFIELD_IMAGES, MEANFIELD_INPUT_ELEMENTS, LayerPerturbation, MeanFieldNetwork
 from cimstat.metrics import snr_db
 
@@ -456,7 +457,7 @@ class Engine:
             b = np.zeros(c_out) if bias is None else bias.detach().double().numpy()
             ey = lm.stats.out_mean - b                          # E[W x], E[(W x)²] without the bias
             ey2 = lm.stats.out_sq_mean - 2 * b * lm.stats.out_mean + b * b
-            rest = le.total - (a * a * ey2 + 2 * a * m * ey + m * m)
+            rest = le.total - coherent_energy(a, m, ey2, ey)
             weight = None
             if cfg.weight_bits is not None:  # weight rounding is one fixed draw: applied exactly
                 weight = lm.weights(cfg).dequantized
@@ -471,7 +472,7 @@ class Engine:
             # programming error: one draw per chip, its errors correlated over a feature map's positions
             src = ErrorSource.PROGRAMMING_ERROR
             ap, mp = le.gain.get(src, np.zeros(c_out)), le.offset.get(src, np.zeros(c_out))
-            fixed = le.error[src] - (ap * ap * ey2 + 2 * ap * mp * ey + mp * mp)
+            fixed = le.error[src] - coherent_energy(ap, mp, ey2, ey)
             rest = np.maximum(rest, 0.0)
             fixed = np.clip(fixed, 0.0, rest) if np.any(le.error[src] > 0) else None
             perturb[name] = LayerPerturbation(a, m, rest, weight, moved, curves, fixed)

@@ -379,7 +379,8 @@ def sampled_adc_error(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig, 
 
     ``conversions``: per weight slice, ``(sign, coefficient levels (C_out, K), devices)`` as in
     :func:`cimstat.engine.layer._conversions`; ``noise_terms(li, devs)``: ``None`` without device noise,
-    else ``(E[δ] (C_out, K), Var δ (C_out, K))`` of that conversion (signs applied); ``sigma_n_lsb``:
+    else ``(E[δ], Var δ, its programming-error share)`` (each (C_out, K)) of that conversion (signs applied,
+    :func:`cimstat.engine.layer._conversion_noise_terms`); ``sigma_n_lsb``:
     ADC thermal noise in LSBs (0 for the quantization-only error); ``cache(key, build)``: where the
     config-independent pieces (distinct code vectors, float outputs of the sample) are kept between calls;
     ``grad_weight``: (S, C_out) the sample's gradient weights (``SampledError.white``), or None; ``curvature``:
@@ -458,8 +459,7 @@ def _conditional_errors(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig
     lo, hi = adc_code_limits(cfg.adc_bits, cfg.adc_signed)
     det = np.zeros((n_s, c_out))    # E[e | x] per vector and channel
     rand = np.zeros((n_s, c_out))   # Var[e | x]
-    dev_t = {key: None if t is None else (np.ascontiguousarray(t[0].T), np.ascontiguousarray(t[1].T),
-                                          np.ascontiguousarray(t[2].T) if len(t) > 2 else None)
+    dev_t = {key: None if t is None else tuple(np.ascontiguousarray(part.T) for part in t)
              for key, t in dev_terms.items()}
     sums = cache(("partial_sums", cfg.input_bits, bool(signed), float(x_range),
                   cfg.signed_input_encoding if signed else None, widths_in, cfg.weight_bits, cfg.weight_scale,
@@ -474,12 +474,13 @@ def _conditional_errors(sample: np.ndarray, weight: np.ndarray, cfg: LayerConfig
         # the programming error is one draw per device for every input pass: with more than one pass, a conversion's
         # ADC error also meets the deviations of the other passes through the same devices (below)
         repeated = len(cfg.input_slices(signed)) * len(_pass_encodings(cfg, signed)) > 1
+        shared_devs = {key for key, t in dev_t.items() if repeated and t is not None and np.any(t[2])}
         full = sum(sign * applied_codes(codes, cfg.input_bits, signed, enc, pol).astype(np.float64)
-                   for sign, enc, pol in _pass_encodings(cfg, signed)) if repeated else None
+                   for sign, enc, pol in _pass_encodings(cfg, signed)) if shared_devs else None
         for li, conv_list in enumerate(conversions):
             for ci, (sign_pol, _, devs) in enumerate(conv_list):
                 dev = dev_t[(li, devs)]
-                shared = repeated and dev[2] is not None and bool(np.any(dev[2]))
+                shared = (li, devs) in shared_devs
                 gathered: dict[tuple[int, int], list] = {}  # per tile: (w_i κ_i, s_i) of its passes
                 for (sign_in, ji, o_in, (a, b), st), per_conv in passes:
                     delta = float(adc_table[ji, li]) / hi
