@@ -73,14 +73,19 @@ def _resolved(input_range: float, adc: np.ndarray | None):
 def test_range_summary_matches_float_noise_but_not_another_calibration():
     """Probes made with another thread count move ranges in the last float bits: that must not
     rerun the Monte Carlo; a real range change, a missing ADC or another channel count must."""
-    from cimstat.sweeps.evaluators import RANGE_MATCH_RTOL, range_summary, ranges_match
+    from cimstat.sweeps.evaluators import ADC_RANGE_MATCH_RTOL, RANGE_MATCH_RTOL, range_summary, ranges_match
 
     adc = np.linspace(500.0, 700.0, 64).reshape(8, 8)
     ref = range_summary(_resolved(6.6079879, adc))
     assert ranges_match(ref, range_summary(_resolved(6.6079869, adc * (1 + 1e-5))))
     assert not ranges_match(ref, range_summary(_resolved(6.6079879 * (1 + 10 * RANGE_MATCH_RTOL), adc)))
+    flipped = adc.copy()
+    flipped[3, :4] *= 1.05  # a few columns at the neighbouring calibration candidate: the same design
+    assert ranges_match(ref, range_summary(_resolved(6.6079879, flipped)))
+    # a recalibration: every range moved by more than the tolerance
+    assert not ranges_match(ref, range_summary(_resolved(6.6079879, adc * (1 + 2 * ADC_RANGE_MATCH_RTOL))))
     moved = adc.copy()
-    moved[3, 3] *= 1.05  # one channel's calibrated range changed
+    moved[3, 3] *= 3.0  # one channel's range far off (its sum of squares moves by more than the tolerance)
     assert not ranges_match(ref, range_summary(_resolved(6.6079879, moved)))
     assert not ranges_match(ref, range_summary(_resolved(6.6079879, None)))
     assert not ranges_match(ref, range_summary(_resolved(6.6079879, np.linspace(500.0, 700.0, 65))))
