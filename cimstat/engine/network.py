@@ -23,6 +23,10 @@ independent, contributions add):
   (amplitudes add over layers and sources); they add ``E_n[δz_nj²]`` to logit ``j``'s error
   energy, attributed to source ``s`` as ``E_n[δz^s_nj·δz_nj]``.
 
+* per-read noise rectified by a max pooling (:mod:`.pooling`, ADC thermal noise of the layer feeding it): the
+  maximum of noisy, nearly equal window elements sits above the clean one, a deterministic logit shift per
+  image (the float network run on with the pooled map's expectation) that joins the shifts above.
+
 ``fc SNR = Σ_n Σ_j z_nj² / (N · Σ_j σ_j²)`` over the probe images' clean logits ``z``; top-1
 by Gauss–Hermite quadrature (:mod:`cimstat.accuracy`) with the random variances, corrected by
 the change the per-image shifts ``δz_n`` make on the images that carry them (the first
