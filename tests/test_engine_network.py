@@ -367,7 +367,9 @@ def test_thermal_noise_rectified_by_max_pooling_reaches_the_logits(engine):
             hook.remove()
     mc = 10 * math.log10(float((clean ** 2).sum(1).mean()) / err)
     assert abs(est.fc_snr_db - mc) < 1.0, (est.fc_snr_db, mc)
-    assert est.layer_logit_noise["conv1"] == pytest.approx(sum(est.layer_logit_noise.values()))
+    # the rectified noise is reported as what it comes from: ADC thermal noise (76 % of the logit error here)
+    noise = {s: float(v.sum()) for s, v in est.logit_noise.items()}
+    assert noise[ErrorSource.ADC_THERMAL_NOISE] > 0.6 * sum(noise.values()), noise
 
 
 @pytest.mark.parametrize("noise", [dict(read_noise=0.02), dict(programming_error=0.02)])

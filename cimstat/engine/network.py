@@ -73,6 +73,10 @@ Read noise is not among them: it is 0 wherever a patch's inputs are all 0, which
 alike (the background); counted with its mean variance everywhere, it moved the fc SNR of read10%-proportional from
 20.82 to 20.60 dB (MC 20.82) and read1%-state-indep from 18.40 to 18.21 (MC 18.53)."""
 
+POOL_MEMO_ENTRIES = 16
+"""Max-pooling shifts kept per engine (one per thermal-noise variance map; 250 x n_classes floats each): a sweep
+that comes back to a noise level reuses it."""
+
 POOL_SHIFT_IMAGES = 250
 """Probe images the max-pooling shift is computed on (two forward passes of the network; about 2 s for the default
 model on 2 CPU threads at 250 images, 8 s at 1,000): the coherent images (64) for the fc SNR, all of them for the
@@ -398,7 +402,7 @@ class Engine:
                 d = self._memo_by_array((name, "adc map"), le.adc_map, lambda: _map_shift(g, le.adc_map))
                 shifts[ErrorSource.ADC_QUANTIZATION] = shifts.get(ErrorSource.ADC_QUANTIZATION, 0.0) + d
                 layer_shift[name] = layer_shift.get(name, 0.0) + d
-        pool_shift = self._add_pool_noise_shift(layers, logit, shifts, layer_shift)
+        pool_shift = self._add_pool_noise_shift(layers, logit, shifts, layer_shift, per_layer)
         random_var = sum(logit.values())
         total_shift = sum(shifts.values()) if shifts else None
         if total_shift is not None:
@@ -529,7 +533,7 @@ class Engine:
             layer_shift[name] = layer_shift.get(name, 0.0) + here
 
     def _add_pool_noise_shift(self, layers: Mapping[str, LayerEstimate], logit: dict, shifts: dict,
-                              layer_shift: dict) -> np.ndarray | None:
+                              layer_shift: dict, per_layer: dict) -> np.ndarray | None:
         """The per-read noise rectified by max poolings (:mod:`.pooling`). Its per-image logit shift on the coherent
         images joins the deterministic shifts (amplitudes; without per-class coherent data its energy joins the
         noise), attributed to the sources of :data:`POOL_RECTIFIED_SOURCES` and to the layers by their shares of
@@ -557,28 +561,45 @@ class Engine:
         if key not in memo:
             if self._pool_images is None:
                 try:
-                    images, _ = _probe_images(self.probes.stats.meta, min(len(self.logits), max(POOL_SHIFT_IMAGES, n_coh)),
-                                              MEANFIELD_INPUT_ELEMENTS)
+                    self._pool_images = self._reload_pool_images(max(POOL_SHIFT_IMAGES, n_coh))
                 except Exception as err:  # the probe images cannot be reloaded here: the term is left out, said once
-                    warnings.warn(f"the max-pooling rectification of ADC thermal noise is left out: the probe images "
-                                  f"could not be reloaded ({err})", stacklevel=3)
+                    warnings.warn(f"the max-pooling rectification of ADC thermal noise is left out: {err}",
+                                  stacklevel=3)
                     self._pools = {}  # not tried again
                     return None
-                self._pool_images = (images, clean_logits(self._folded, images))
-            memo.clear()
+            while len(memo) >= POOL_MEMO_ENTRIES:  # the oldest noise level goes first
+                memo.pop(next(iter(memo)))
             memo[key] = max_pool_noise_shift(self._folded, self._pool_images[0], var, self._pools,
                                              self._pool_images[1])
         shift = memo[key]
         total = sum(part.values())
+        # per-class amplitudes where every coherent image has its shift; else (projections, or fewer images
+        # reloaded than the coherent ones) its energy per class joins the noise
         per_class = self.coherent_per_class and shift.shape[0] >= n_coh
+        energy = (shift[:n_coh] ** 2).mean(0)
         for (name, s), p in part.items():
-            d = shift[:n_coh] * (p / total)
             if per_class:
+                d = shift[:n_coh] * (p / total)
                 shifts[s] = shifts.get(s, 0.0) + d
                 layer_shift[name] = layer_shift.get(name, 0.0) + d
             else:
-                logit[s] = logit[s] + (d * d).mean(0)
+                logit[s] = logit[s] + energy * (p / total)
+                per_layer[name] += float(energy.sum()) * (p / total)
         return shift if per_class else None
+
+    def _reload_pool_images(self, n: int):
+        """(images, their float logits) of the first ``n`` probe images (fewer where the input budget
+        :data:`MEANFIELD_INPUT_ELEMENTS` allows fewer), checked against the probed labels and logits: a reloaded
+        image that is not the probed one would shift another image's logits."""
+        images, labels = _probe_images(self.probes.stats.meta, min(len(self.logits), n), MEANFIELD_INPUT_ELEMENTS)
+        k = len(labels)
+        if not np.array_equal(np.asarray(labels), self.labels[:k]):
+            raise EstimationError("the reloaded probe images' labels differ from the probed ones")
+        clean = clean_logits(self._folded, images)
+        ref = self.logits[:k]
+        if not np.allclose(clean, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max()):
+            raise EstimationError("the reloaded probe images do not reproduce the probed logits")
+        return images, clean
 
     def _weight_error_shift(self, name: str, err: np.ndarray) -> np.ndarray:
         """(N_coh, D) logit shift of the fixed weight error ``err`` (C_out, K) of layer ``name`` on the coherent

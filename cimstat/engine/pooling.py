@@ -10,7 +10,7 @@ Measured on the default model with stress design u1 (7-bit bit-serial inputs, 5-
 calibrated ADC under 1.5 LSB of thermal noise, 2 % proportional read noise): white Gaussian noise of the engine's
 per-channel error variance injected at conv1 of the float network (200 probe images) moved the logits 9.0x as much
 as conv1's white ratios say, 93 % of it a mean shift; injected at any other layer (no max pooling after it),
-0.92-1.05x. The Monte Carlo's fc SNR was 14.2-14.5 dB where the linear route said 17.3.
+0.92-1.05x. The Monte Carlo's fc SNR was 14.1-14.5 dB where the linear route said 17.3.
 
 :func:`max_pool_noise_shift` computes the shift exactly for the clean network's images: the pooled map's expected
 value under the noise replaces the clean one (``E[max_w relu(y + n)] = E[relu(max_w (y + n))]``: Clark's moments
