@@ -10,7 +10,8 @@ import torch
 from scipy import integrate, stats
 from torch import nn
 
-from cimstat.engine.meanfield import LayerPerturbation, MeanFieldNetwork, operating_point, relu_moments
+from cimstat.engine.meanfield import (LayerPerturbation, MeanFieldNetwork, PatchVariance, operating_point,
+                                      relu_moments)
 from cimstat.errors import EstimationError
 
 torch.set_num_threads(1)
@@ -110,6 +111,40 @@ def test_rectified_noise_matches_sampling_in_expectation():
     assert np.abs(mean - clean).max() > 0.05  # the drift is there to be found
     np.testing.assert_allclose(mean, z.mean(0).numpy(), atol=0.01)
     np.testing.assert_allclose(var, z.var(0).numpy(), rtol=0.02)
+
+
+def test_device_noise_follows_each_outputs_input_patch():
+    """Device noise adds ``coef_c·Σ_k kernel_ck·x_k²`` per output: none where the inputs are 0. Both layers noisy,
+    lin2's from its noisy inputs' energy; the logits' mean (the rectification drift) and variance are those of
+    200,000 noisy passes. The same mean variance spread evenly over the images misses the drift."""
+    torch.manual_seed(3)
+    model = _Rectify().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 6) * torch.tensor([[0.0], [0.3], [1.0], [2.0]])   # image 0: all inputs 0
+    k1, k2 = torch.rand(5, 6) + 0.1, torch.rand(3, 5) + 0.1
+    c1, c2 = torch.tensor([0.5, 0.2, 1.0, 0.05, 0.3]), torch.tensor([0.1, 0.4, 0.2])
+    pert = {"lin1": LayerPerturbation(np.zeros(5), np.zeros(5), np.zeros(5),
+                                      patch_variance=(PatchVariance(c1.numpy(), k1.numpy()),)),
+            "lin2": LayerPerturbation(np.zeros(3), np.zeros(3), np.zeros(3),
+                                      patch_variance=(PatchVariance(c2.numpy(), k2.numpy()),))}
+    mean, var = MeanFieldNetwork(gm, x).moments(pert)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        h = model.lin1(x)
+        h = h[None] + (c1 * ((x * x) @ k1.T)).sqrt() * torch.randn((200_000,) + tuple(h.shape), generator=gen)
+        r = torch.relu(h)
+        z = model.lin2(r)
+        z = (z + (c2 * ((r * r) @ k2.T)).sqrt() * torch.randn(z.shape, generator=gen)).double()
+        clean = model(x).double().numpy()
+    np.testing.assert_allclose(mean, z.mean(0).numpy(), atol=0.01)
+    np.testing.assert_allclose(var, z.var(0).numpy(), rtol=0.03, atol=1e-4)
+    shaped, shaped_var = MeanFieldNetwork(gm, x).moments({"lin1": pert["lin1"]})
+    assert np.all(shaped_var[0] == 0)   # image 0 has no input: lin1's devices add nothing to it
+    np.testing.assert_allclose(shaped[0], clean[0], rtol=1e-5, atol=1e-6)
+    # the same mean variance per output channel, spread evenly over the images: another drift
+    v1 = ((c1 * ((x * x) @ k1.T)).mean(0)).numpy()
+    even, _ = MeanFieldNetwork(gm, x).moments({"lin1": LayerPerturbation(np.zeros(5), np.zeros(5), v1)})
+    assert np.abs(even - shaped).max() > 0.05
 
 
 def test_an_operation_it_cannot_carry_is_named():

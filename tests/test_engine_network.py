@@ -93,13 +93,14 @@ def mf_engine(default_probes):
 def test_collapse_takes_the_mean_field_route(mf_engine):
     """Far below TOP1_MIN_FC_SNR_DB the fc SNR and top-1 come from the mean-field route, which sees the collapse
     (20 % read noise, MC on 500 validation images: fc -3.3 dB, top-1 9.7 %; the linearised route says -5.4 dB and
-    28 %); above it the linear route stays."""
+    28 %; the mean-field route -4.9 dB and 10.3 % on these 250 probe images, -0.7 dB and 11.4 % before its read
+    noise followed the input patch); above it the linear route stays."""
     from cimstat.engine.network import TOP1_MIN_FC_SNR_DB
 
     low = _est(mf_engine, read_noise=0.2)
     assert low.route == "meanfield" and f"{TOP1_MIN_FC_SNR_DB:g} dB" in low.route_note and not low.top1_note
     assert low.fc_snr_db_linear < TOP1_MIN_FC_SNR_DB and low.fc_snr_db == low.fc_snr_db_meanfield
-    assert -3.0 < low.fc_snr_db < 1.0 and low.top1 < 0.15 < low.top1_linear
+    assert -3.3 - 2.0 < low.fc_snr_db < -3.3 + 2.0 and low.top1 < 0.15 < low.top1_linear
     assert low.to_row()["route"] == "meanfield" and low.to_row()["fc_snr_db_linear"] == low.fc_snr_db_linear
     high = _est(mf_engine, read_noise=0.005)
     assert high.fc_snr_db > TOP1_MIN_FC_SNR_DB and high.route == "linear"
