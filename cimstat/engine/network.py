@@ -486,23 +486,22 @@ class Engine:
             cubic = adc_curvature(lm, resolved[name]) if ErrorSource.ADC_QUANTIZATION in le.gain else None
             curves = () if cubic is None else (cubic,)
             rest = rest - sum((c.energy for c in curves), np.zeros(c_out))
+
+            def incoherent(src: ErrorSource) -> np.ndarray:  # a source's error beyond its gain and offset
+                zero = np.zeros(c_out)
+                return le.error[src] - coherent_energy(le.gain.get(src, zero), le.offset.get(src, zero), ey2, ey)
             # programming error: one draw per chip, its errors correlated over a feature map's positions
-            src = ErrorSource.PROGRAMMING_ERROR
-            ap, mp = le.gain.get(src, np.zeros(c_out)), le.offset.get(src, np.zeros(c_out))
-            fixed = le.error[src] - coherent_energy(ap, mp, ey2, ey)
             rest = np.maximum(rest, 0.0)
-            fixed = np.clip(fixed, 0.0, rest) if np.any(le.error[src] > 0) else None
+            fixed = (np.clip(incoherent(ErrorSource.PROGRAMMING_ERROR), 0.0, rest)
+                     if np.any(le.error[ErrorSource.PROGRAMMING_ERROR] > 0) else None)
             patches = ()
             if cfg.read_noise > 0:
                 # read noise follows each output's input patch (PatchVariance): its white part, within what is left.
                 # Programming error is left even: shaped alike it moved collapse-w4-prog5% 80.9 -> 82.4 % (MC 79.9)
                 # and prog5%-state-indep-w4slices 94.1 -> 94.4 (MC 90.7), its correlation over a feature map
                 # (FIXED_ERROR_CORRELATION) having been set with the even spread
-                ar = le.gain.get(ErrorSource.READ_NOISE, np.zeros(c_out))
-                mr = le.offset.get(ErrorSource.READ_NOISE, np.zeros(c_out))
-                read = np.maximum(le.error[ErrorSource.READ_NOISE] - coherent_energy(ar, mr, ey2, ey), 0.0)
-                read = np.minimum(read, rest - (0.0 if fixed is None else fixed))
-                kernel = np.broadcast_to(lm.noise(cfg).var_read, lm.weight.shape)
+                read = np.clip(incoherent(ErrorSource.READ_NOISE), 0.0, rest - (0.0 if fixed is None else fixed))
+                kernel = lm.noise(cfg).var_read.astype(np.float32)   # (C_out, K); float32: no copy per batch
                 norm = kernel @ np.asarray(lm.stats.row_sq_mean, dtype=np.float64)   # Σ_k kernel_ck·E_clean[x_k²]
                 read = np.where(norm > 0, read, 0.0)
                 if np.any(read > 0):
