@@ -180,12 +180,53 @@ def test_operating_point_is_the_per_channel_fit_of_the_noisy_input_on_the_clean_
     alpha, beta = torch.tensor([0.5, 1.0, 0.0]), torch.tensor([0.2, 0.0, 0.7])
     mean = alpha.reshape(1, 3, 1, 1) * clean + beta.reshape(1, 3, 1, 1)
     var = torch.tensor([0.04, 0.0, 1.0]).reshape(1, 3, 1, 1).expand_as(clean)
-    a, b, sd = operating_point(clean, mean, var)
+    a, b, sd, m0, s0 = operating_point(clean, mean, var)
     np.testing.assert_allclose(a, alpha.numpy(), atol=1e-6)
     np.testing.assert_allclose(b, beta.numpy(), atol=1e-6)
     np.testing.assert_allclose(sd, [0.2, 0.0, 1.0], atol=1e-6)
-    a, b, _ = operating_point(torch.ones(4, 2), torch.full((4, 2), 3.0), torch.zeros(4, 2))  # constant clean input
+    assert np.all(m0 == 0) and np.all(s0 == 0)          # no clean input is 0: nothing silent
+    a, b, *_ = operating_point(torch.ones(4, 2), torch.full((4, 2), 3.0), torch.zeros(4, 2))  # constant clean input
     assert np.all(a == 0) and np.allclose(b, 3.0)
+
+
+def test_operating_point_takes_the_inputs_silent_in_the_clean_network_apart():
+    """Where the clean input is 0 (a ReLU's silent outputs) the noisy input is not on the line of the active ones:
+    the fit uses the active elements only, and the silent ones give their own mean and spread (the spread of
+    their means included)."""
+    gen = torch.Generator().manual_seed(4)
+    clean = torch.relu(torch.randn(30, 2, 4, 4, generator=gen))
+    silent = clean == 0
+    assert 0.3 < silent.double().mean() < 0.7
+    lift = torch.rand(clean.shape, generator=gen) * 0.2          # silent: means 0 … 0.2, variance 0.01
+    mean = torch.where(silent, lift, 0.8 * clean + 0.3)
+    var = torch.where(silent, torch.full_like(clean, 0.01), torch.full_like(clean, 0.09))
+    a, b, sd, m0, s0 = operating_point(clean, mean, var)
+    np.testing.assert_allclose(a, 0.8, atol=1e-6)
+    np.testing.assert_allclose(b, 0.3, atol=1e-6)
+    np.testing.assert_allclose(sd, 0.3, atol=1e-6)
+    for c in range(2):
+        on = silent[:, c]
+        np.testing.assert_allclose(m0[c], lift[:, c][on].double().mean(), rtol=1e-9)
+        np.testing.assert_allclose(s0[c] ** 2, 0.01 + lift[:, c][on].double().var(unbiased=False), rtol=1e-6)
+    dead = torch.cat([clean, torch.zeros(30, 1, 4, 4)], 1)   # a channel that is 0 in every clean image
+    a, b, sd, m0, s0 = operating_point(dead, torch.cat([mean, torch.full((30, 1, 4, 4), 0.5)], 1),
+                                       torch.cat([var, torch.full((30, 1, 4, 4), 0.04)], 1))
+    assert a[2] == b[2] == sd[2] == 0 and np.isclose(m0[2], 0.5) and np.isclose(s0[2], 0.2)
+
+
+def test_rectified_gaussian_has_the_asked_mean_and_spread():
+    """``max(0, μ + σ·ξ)`` with the returned ``(μ, σ)`` has the mean and standard deviation asked for (checked on
+    a million draws), from nearly symmetric to mostly 0; a spread of 0 is the constant mean."""
+    from cimstat.engine.layer import rectified_gaussian_for
+
+    mean = np.array([0.1, 1.0, 0.5, 0.3, 0.2, 0.0])
+    sd = np.array([0.2, 0.3, 1.5, 0.3, 0.0, 0.0])
+    mu, sigma = rectified_gaussian_for(mean, sd)
+    xi = np.random.default_rng(0).standard_normal((1_000_000, 1))
+    x = np.maximum(mu + sigma * xi, 0.0)
+    np.testing.assert_allclose(x.mean(0), mean, rtol=0.01, atol=1e-9)
+    np.testing.assert_allclose(x.std(0), sd, rtol=0.01, atol=1e-9)
+    assert mu[0] < 0 < mu[1] and sigma[4] == 0 and mu[4] == 0.2
 
 
 class _NoBias(nn.Module):
@@ -199,22 +240,22 @@ class _NoBias(nn.Module):
 
 
 def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
-    """lin1 halves its outputs: lin2's input is relu(h/2) = relu(h)/2, so lin2 is told α = 1/2, β = 0, sd = 0
-    (once, over the first ``fit_images`` images, not per batch), and its returned gain and offset changes are
+    """lin1 halves its outputs: lin2's input is relu(h/2) = relu(h)/2, so lin2 is told α = 1/2, β = 0, sd = 0 and
+    0 for its silent inputs (once, over the first ``fit_images`` images, not per batch), and its returned gain and offset changes are
     applied to every image, those of the later batches too."""
     torch.manual_seed(4)
     model = _NoBias().eval()
     x = torch.randn(7, 6)
     seen = []
 
-    def moved(alpha, beta, sd):
-        seen.append((alpha, beta, sd))
+    def moved(alpha, beta, sd, silent_mean, silent_sd):
+        seen.append((alpha, beta, sd, silent_mean, silent_sd))
         return np.full(3, 0.1), np.array([0.2, 0.0, -0.3])
     net = MeanFieldNetwork(torch.fx.symbolic_trace(model), x, batch_size=2, fit_images=3)
     mean, var = net.moments({"lin1": LayerPerturbation(np.full(5, -0.5), np.zeros(5), np.zeros(5)),
                              "lin2": LayerPerturbation(np.zeros(3), np.zeros(3), np.zeros(3), operating_point=moved)})
     assert len(seen) == 1
-    alpha, beta, sd = seen[0]
+    alpha, beta, sd, silent_mean, silent_sd = seen[0]
     with torch.no_grad():
         h = torch.relu(model.lin1(x))
         expected = (1.1 * model.lin2(h / 2)).double().numpy() + np.array([0.2, 0.0, -0.3])
@@ -222,7 +263,7 @@ def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
     assert live.sum() >= 3
     np.testing.assert_allclose(alpha[live], 0.5, atol=1e-5)
     np.testing.assert_allclose(beta, 0.0, atol=1e-6)
-    assert np.all(sd == 0)
+    assert np.all(sd == 0) and np.all(silent_mean == 0) and np.all(silent_sd == 0)  # relu(h)/2 is 0 where relu(h) is
     np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-6)
     assert np.all(var == 0)
 
@@ -257,6 +298,28 @@ def test_adc_clipping_shift_is_zero_at_the_clean_operating_point_and_undoes_clip
     r_max = eng.resolve(HardwareConfig(LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256,
                                                    adc_bits=4)))
     assert not np.any(adc_clipping_shift(lm, r_max["layer1.0.conv1"], 0.25 * ones, zeros, zeros)[0])
+
+
+def test_adc_clipping_shift_with_offset_weights_follows_the_lift_of_the_silent_inputs(default_probes):
+    """Offset weights: every partial sum holds the offset level times the sum of the inputs. Lifting the inputs
+    that are 0 in the clean network (``silent_mean``) pushes partial sums past a calibrated ADC's range: the
+    offset falls on (nearly) every channel, more for a larger lift. With the silent inputs left at 0 and the
+    active ones as they are, nothing moves."""
+    from cimstat.engine import engine_for
+    from cimstat.engine.layer import adc_clipping_shift
+    from cimstat.hardware import HardwareConfig, LayerConfig
+
+    eng = engine_for(default_probes)
+    lm = eng.layers["layer1.0.conv1"]
+    c_in = int(lm.channel_of_row.max()) + 1
+    ones, zeros = np.ones(c_in), np.zeros(c_in)
+    cfg = LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256, adc_bits=6,
+                      adc_range="calibrated", weight_encoding="offset")
+    r = eng.resolve(HardwareConfig(cfg))["layer1.0.conv1"]
+    d_gain, d_offset, _ = adc_clipping_shift(lm, r, ones, zeros, zeros, zeros, zeros)
+    assert np.all(d_gain == 0) and np.all(d_offset == 0)
+    low, high = (adc_clipping_shift(lm, r, ones, zeros, zeros, lift * ones, zeros)[1] for lift in (0.3, 1.0))
+    assert np.mean(low < 0) > 0.9 and np.mean(high) < np.mean(low) < 0
 
 
 def test_padding_taps_are_the_convolutions_zero_padding():

@@ -127,11 +127,17 @@ def test_distorted_layers_take_the_mean_field_route(mf_engine):
     assert fine.layers["layer3.1.conv1"].snr_db < 6 and fine.top1 == fine.top1_linear and fine.route == "linear"
 
 
-def test_offset_weights_between_the_limits_take_a_mean_field_route_that_does_not_collapse(mf_engine):
+def test_offset_weights_collapse_on_the_mean_field_route_only_where_the_silent_inputs_lift(mf_engine):
     """adc6-cal-offset-weights of the validation sweep: the layers' error-to-signal ratios add up to 1.3, where the
     linear route was 1.3 dB optimistic on fc (12.56 dB against the 1,000-image MC's 11.27 dB, top-1 98.30 %). The
-    mean-field route takes it; with the ADC clipping shift of the moved input sample it collapsed to fc -0.03 dB and
-    top-1 10 %, which offset weights leave out. Without it: 12.33 dB on these 250 probe images (11.85 dB on 1,000)."""
+    mean-field route takes it and, its silent inputs staying near 0, does not collapse: 11.39 dB and 98.45 % on
+    1,000 probe images. (When the moved input sample lifted the silent inputs with the active ones' spread, it
+    collapsed to -0.03 dB and 10 %.)
+
+    u6 of the stress sweep adds offset-encoded inputs and 1 LSB of ADC thermal noise: its noisy inputs lift the
+    silent ones by about 1, past the calibrated range on every channel (offset weights), and the 1,000-image MC
+    (2 chips) collapses to 9.2 ± 1.1 %, fc -0.22 dB. Without the ADC clipping at that operating point the route said
+    18.2 % and -2.23 dB."""
     from cimstat.engine.network import TOP1_MAX_LAYER_NSR_SUM
 
     est = _est(mf_engine, input_slice_bits=1, rows_per_array=256, adc_bits=6, adc_range="calibrated",
@@ -140,6 +146,9 @@ def test_offset_weights_between_the_limits_take_a_mean_field_route_that_does_not
     assert TOP1_MAX_LAYER_NSR_SUM < nsr < 2.0 and est.route == "meanfield" and "add up to" in est.route_note
     assert 10.5 < est.fc_snr_db < est.fc_snr_db_linear - 0.1
     assert abs(est.top1 - 0.9830) < 0.015
+    u6 = _est(mf_engine, input_slice_bits=1, rows_per_array=256, adc_bits=6, adc_range="calibrated",
+              weight_encoding="offset", signed_input_encoding="offset", adc_thermal_noise_lsb=1.0)
+    assert u6.route == "meanfield" and abs(u6.top1 - 0.092) < 0.03 and abs(u6.fc_snr_db + 0.22) < 1.0
 
 
 def test_top1_is_declined_where_the_mean_field_route_cannot_run(default_probes):

@@ -16,8 +16,9 @@ network's own graph (``torch.fx``), deterministically:
   (:class:`PatchVariance`);
 * an ADC's clipping at the noisy network's operating point: ``a_c`` and ``m_c`` were probed on clean inputs. Where
   the layer's perturbation has an ``operating_point``, the clean network is carried alongside, the layer's input
-  means are fitted per input channel as ``α·x_clean + β`` (:func:`operating_point`, over the first
-  :data:`OPERATING_POINT_IMAGES` images) and the clipping part of the ADC gain, offset and curvature (below) is
+  means are fitted per input channel as ``α·x_clean + β`` where the clean input is not 0, and the noisy input's
+  mean and spread are taken apart where it is (:func:`operating_point`, over the first
+  :data:`OPERATING_POINT_IMAGES` images); the clipping part of the ADC gain, offset and curvature (below) is
   re-evaluated there (:func:`cimstat.engine.layer.adc_clipping_shift`);
 * the ADC error's part that is nonlinear in the layer's output (clipping beyond the linear gain): a per-channel
   cubic ``h_c(W_eff μ)`` fitted on the probed input sample (:class:`cimstat.engine.sampled_adc.ChannelCubic`), added
@@ -88,10 +89,11 @@ class LayerPerturbation:
     offset: np.ndarray     #: (C_out,) offset m_c
     variance: np.ndarray   #: (C_out,) variance v_c added per output element (output units²)
     weight: np.ndarray | None = None  #: (C_out, K) the weights the layer computes with, or None: the float ones
-    #: or None: ``(α, β, sd) -> (Δgain, Δoffset)`` (C_out,) each, the change of the gain and offset when the
-    #: layer's input sits at the noisy network's operating point, given per input channel the regression
-    #: ``E[x_noisy] ≈ α·x_clean + β`` over the images and positions and ``sd`` the root mean of the noisy input's
-    #: variance (e.g. :func:`cimstat.engine.layer.adc_clipping_shift`)
+    #: or None: ``(α, β, sd, m0, s0) -> (Δgain, Δoffset)`` (C_out,) each, the change of the gain and offset when
+    #: the layer's input sits at the noisy network's operating point, given per input channel (:func:`operating_point`)
+    #: the regression ``E[x_noisy] ≈ α·x_clean + β`` over the images and positions where the clean input is not 0,
+    #: ``sd`` the root mean of the noisy input's variance there, and ``m0``, ``s0`` the noisy input's mean and
+    #: standard deviation where the clean input is 0 (e.g. :func:`cimstat.engine.layer.adc_clipping_shift`)
     operating_point: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple] | None = None
     #: the deterministic error's part nonlinear in ``y = W_eff x`` (output units; terms added), each a callable
     #: ``h(y)`` per element of the mean (e.g. :class:`.sampled_adc.ChannelCubic`); its energy is not in
@@ -194,19 +196,34 @@ def _channel_shape(t: torch.Tensor) -> tuple[int, ...]:
     return (1, -1) + (1,) * (t.dim() - 2)
 
 
-def operating_point(clean: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per channel (dimension 1) over images and positions: ``(α, β, sd)`` of the least-squares fit
-    ``mean ≈ α·clean + β`` and ``sd = sqrt(mean of var)`` (``α = 0`` on a channel whose clean input is constant)."""
+def operating_point(clean: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Per channel (dimension 1) over images and positions, the noisy network's input against the clean one,
+    apart where the clean input is 0 (silent: a ReLU's dead outputs, whose noisy values are one-sided) and where it
+    is not (active): ``(α, β, sd, m0, s0)``.
+
+    - active: the least-squares fit ``mean ≈ α·clean + β`` and ``sd = sqrt(mean of var)`` (``α = 0`` on a channel
+      whose clean input is constant; all three 0 on a channel that is 0 everywhere);
+    - silent: ``m0`` the mean of ``mean`` and ``s0² = mean(mean² + var) − m0²`` (the spread of the elements' means
+      included; both 0 on a channel without a silent element)."""
     dims = [0] + list(range(2, clean.dim()))
-    x, m = clean.double(), mean.double()
-    ex, em = x.mean(dims), m.mean(dims)
-    xc = x - ex.reshape(_channel_shape(x))
-    vx = xc.square().mean(dims)
-    cxm = (xc * m).mean(dims)
+    x, m, v = clean.double(), mean.double(), var.double().clamp_min(0)
+    silent = x == 0
+    shape = _channel_shape(x)
+    w = (~silent).double()
+    n = w.sum(dims).clamp_min(1)
+    ex, em = (w * x).sum(dims) / n, (w * m).sum(dims) / n
+    xc = (x - ex.reshape(shape)) * w
+    vx = xc.square().sum(dims) / n
+    cxm = (xc * m).sum(dims) / n
     alpha = torch.where(vx > 0, cxm / vx.clamp_min(1e-300), torch.zeros_like(vx))
     beta = em - alpha * ex
-    sd = var.double().clamp_min(0).mean(dims).sqrt()
-    return alpha.numpy(), beta.numpy(), sd.numpy()
+    sd = ((w * v).sum(dims) / n).sqrt()
+    s = silent.double()
+    n0 = s.sum(dims)
+    m0 = torch.where(n0 > 0, (s * m).sum(dims) / n0.clamp_min(1), torch.zeros_like(n0))
+    s0 = torch.where(n0 > 0, ((s * (m * m + v)).sum(dims) / n0.clamp_min(1) - m0 * m0).clamp_min(0).sqrt(),
+                     torch.zeros_like(n0))
+    return alpha.numpy(), beta.numpy(), sd.numpy(), m0.numpy(), s0.numpy()
 
 
 class MeanFieldNetwork:
