@@ -241,8 +241,8 @@ class _NoBias(nn.Module):
 
 def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
     """lin1 halves its outputs: lin2's input is relu(h/2) = relu(h)/2, so lin2 is told α = 1/2, β = 0, sd = 0 and
-    0 for its silent inputs (once, over the first ``fit_images`` images, not per batch), and its returned gain and offset changes are
-    applied to every image, those of the later batches too."""
+    0 for its silent inputs (once, over the first ``fit_images`` images, not per batch), and its returned gain and
+    offset changes are applied to every image, those of the later batches too."""
     torch.manual_seed(4)
     model = _NoBias().eval()
     x = torch.randn(7, 6)

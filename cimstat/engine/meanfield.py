@@ -94,7 +94,7 @@ class LayerPerturbation:
     #: the regression ``E[x_noisy] ≈ α·x_clean + β`` over the images and positions where the clean input is not 0,
     #: ``sd`` the root mean of the noisy input's variance there, and ``m0``, ``s0`` the noisy input's mean and
     #: standard deviation where the clean input is 0 (e.g. :func:`cimstat.engine.layer.adc_clipping_shift`)
-    operating_point: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple] | None = None
+    operating_point: Callable[..., tuple] | None = None
     #: the deterministic error's part nonlinear in ``y = W_eff x`` (output units; terms added), each a callable
     #: ``h(y)`` per element of the mean (e.g. :class:`.sampled_adc.ChannelCubic`); its energy is not in
     #: ``variance``. ``operating_point`` may return further terms as a third element
