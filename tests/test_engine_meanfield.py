@@ -11,6 +11,7 @@ from scipy import integrate, stats
 from torch import nn
 
 from cimstat.engine.meanfield import (LayerPerturbation, MeanFieldNetwork, PatchVariance, operating_point,
+                                      rectified_gaussian_for,
                                       relu_moments)
 from cimstat.errors import EstimationError
 
@@ -217,8 +218,6 @@ def test_operating_point_takes_the_inputs_silent_in_the_clean_network_apart():
 def test_rectified_gaussian_has_the_asked_mean_and_spread():
     """``max(0, μ + σ·ξ)`` with the returned ``(μ, σ)`` has the mean and standard deviation asked for (checked on
     a million draws), from nearly symmetric to mostly 0; a spread of 0 is the constant mean."""
-    from cimstat.engine.layer import rectified_gaussian_for
-
     mean = np.array([0.1, 1.0, 0.5, 0.3, 0.2, 0.0])
     sd = np.array([0.2, 0.3, 1.5, 0.3, 0.0, 0.0])
     mu, sigma = rectified_gaussian_for(mean, sd)
@@ -268,36 +267,43 @@ def test_a_layer_sees_its_operating_point_and_moves_its_gain_and_offset():
     assert np.all(var == 0)
 
 
+def _layer1_shift_setup(probes, **knobs):
+    """The engine, layer1.0.conv1's model, its config and resolved layer under bit-serial 8-bit inputs, 256 rows and a
+    calibrated ADC (``knobs`` on top), and per-input-channel ones and zeros for :func:`adc_clipping_shift`."""
+    from cimstat.engine import engine_for
+    from cimstat.hardware import HardwareConfig, LayerConfig
+
+    eng = engine_for(probes)
+    lm = eng.layers["layer1.0.conv1"]
+    c_in = int(lm.channel_of_row.max()) + 1
+    cfg = LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256, adc_range="calibrated",
+                      **knobs)
+    return eng, lm, cfg, eng.resolve(HardwareConfig(cfg))["layer1.0.conv1"], np.ones(c_in), np.zeros(c_in)
+
+
 def test_adc_clipping_shift_is_zero_at_the_clean_operating_point_and_undoes_clipping_as_inputs_shrink(default_probes):
     """A calibrated 4-bit ADC under bit-serial inputs clips layer1.0.conv1's largest partial sums (a negative
     gain). At the clean operating point (α = 1, β = 0, sd = 0) nothing moves; with the inputs shrunk fewer partial
     sums clip and the gain moves up (more at a quarter than at a half, never above the loss it had); a max-range
     ADC never moves."""
-    from cimstat.engine import engine_for
     from cimstat.engine.layer import adc_clipping_shift
     from cimstat.engine.sources import ErrorSource
     from cimstat.hardware import HardwareConfig, LayerConfig
 
-    eng = engine_for(default_probes)
-    lm = eng.layers["layer1.0.conv1"]
-    c_in = int(lm.channel_of_row.max()) + 1
-    ones, zeros = np.ones(c_in), np.zeros(c_in)
-    cfg = LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256, adc_bits=4,
-                      adc_range="calibrated")
-    r = eng.resolve(HardwareConfig(cfg))["layer1.0.conv1"]
-    d_gain, d_offset, curves = adc_clipping_shift(lm, r, ones, zeros, zeros)
+    eng, lm, cfg, r, ones, zeros = _layer1_shift_setup(default_probes, adc_bits=4)
+    d_gain, d_offset, curves = adc_clipping_shift(lm, r, ones, zeros, zeros, zeros, zeros)
     assert np.all(d_gain == 0) and np.all(d_offset == 0)
     y = np.linspace(-50.0, 50.0, 11)[None, :].repeat(lm.weight.shape[0], 0).T   # (11 outputs, C_out)
     assert len(curves) == 2 and np.allclose(curves[0](y) + curves[1](y), 0.0)  # the curvature does not move
     clip_gain = eng.estimate(HardwareConfig(cfg)).layers["layer1.0.conv1"].gain[ErrorSource.ADC_QUANTIZATION]
     assert np.mean(clip_gain) < -0.01
-    half = adc_clipping_shift(lm, r, 0.5 * ones, zeros, zeros)[0]
-    quarter = adc_clipping_shift(lm, r, 0.25 * ones, zeros, zeros)[0]
+    half = adc_clipping_shift(lm, r, 0.5 * ones, zeros, zeros, zeros, zeros)[0]
+    quarter = adc_clipping_shift(lm, r, 0.25 * ones, zeros, zeros, zeros, zeros)[0]
     assert np.mean(quarter > 0) > 0.9          # less clipping: the gain moves up on (nearly) every channel,
     assert 0 < np.mean(half) < np.mean(quarter) <= -np.mean(clip_gain)  # more as the inputs shrink, never past 0
     r_max = eng.resolve(HardwareConfig(LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256,
                                                    adc_bits=4)))
-    assert not np.any(adc_clipping_shift(lm, r_max["layer1.0.conv1"], 0.25 * ones, zeros, zeros)[0])
+    assert not np.any(adc_clipping_shift(lm, r_max["layer1.0.conv1"], 0.25 * ones, *[zeros] * 4)[0])
 
 
 def test_adc_clipping_shift_with_offset_weights_follows_the_lift_of_the_silent_inputs(default_probes):
@@ -305,17 +311,9 @@ def test_adc_clipping_shift_with_offset_weights_follows_the_lift_of_the_silent_i
     that are 0 in the clean network (``silent_mean``) pushes partial sums past a calibrated ADC's range: the
     offset falls on (nearly) every channel, more for a larger lift. With the silent inputs left at 0 and the
     active ones as they are, nothing moves."""
-    from cimstat.engine import engine_for
     from cimstat.engine.layer import adc_clipping_shift
-    from cimstat.hardware import HardwareConfig, LayerConfig
 
-    eng = engine_for(default_probes)
-    lm = eng.layers["layer1.0.conv1"]
-    c_in = int(lm.channel_of_row.max()) + 1
-    ones, zeros = np.ones(c_in), np.zeros(c_in)
-    cfg = LayerConfig(input_bits=8, weight_bits=8, input_slice_bits=1, rows_per_array=256, adc_bits=6,
-                      adc_range="calibrated", weight_encoding="offset")
-    r = eng.resolve(HardwareConfig(cfg))["layer1.0.conv1"]
+    _, lm, _, r, ones, zeros = _layer1_shift_setup(default_probes, adc_bits=6, weight_encoding="offset")
     d_gain, d_offset, _ = adc_clipping_shift(lm, r, ones, zeros, zeros, zeros, zeros)
     assert np.all(d_gain == 0) and np.all(d_offset == 0)
     low, high = (adc_clipping_shift(lm, r, ones, zeros, zeros, lift * ones, zeros)[1] for lift in (0.3, 1.0))

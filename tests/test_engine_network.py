@@ -135,9 +135,9 @@ def test_offset_weights_collapse_on_the_mean_field_route_only_where_the_silent_i
     collapsed to -0.03 dB and 10 %.)
 
     u6 of the stress sweep adds offset-encoded inputs and 1 LSB of ADC thermal noise: its noisy inputs lift the
-    silent ones by about 1, past the calibrated range on every channel (offset weights), and the 1,000-image MC
-    (2 chips) collapses to 9.2 ± 1.1 %, fc -0.22 dB. Without the ADC clipping at that operating point the route said
-    18.2 % and -2.23 dB."""
+    silent ones by 0.4-2.2 (the route's pass without the shift), past the calibrated range on every channel
+    (offset weights), and the 1,000-image MC (2 chips) collapses to 9.2 ± 1.1 %, fc -0.22 dB. Without the ADC
+    clipping at that operating point the route said 18.2 % and -2.23 dB."""
     from cimstat.engine.network import TOP1_MAX_LAYER_NSR_SUM
 
     est = _est(mf_engine, input_slice_bits=1, rows_per_array=256, adc_bits=6, adc_range="calibrated",

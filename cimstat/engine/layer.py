@@ -32,12 +32,13 @@ from .adc import adc_code_limits, conversion_error, conversion_errors
 from .device_noise import DeviceNoise, device_noise
 from .coherent import coherent_energy, coherent_parts, split_coherent
 from .input_quantization import InputPlan, input_error_terms, input_plan
+from .meanfield import rectified_gaussian_for
 from .moments import SecondMoment
 from .sampled_adc import ChannelCubic, SampledError, adc_error_map, budget_rows, sampled_adc_error, sampled_input_error
 from .sources import ErrorSource
 from .weight_quantization import WeightCodes, device_levels, weight_codes, weight_quantization_error
 
-__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "adc_clipping_shift", "clipping_shift_applies", "rectified_gaussian_for", "adc_curvature", "padding_taps", "CacheBudget", "ENGINE_CACHE_BYTES"]
+__all__ = ["LayerModel", "LayerEstimate", "estimate_layer", "adc_clipping_shift", "clipping_shift_applies", "adc_curvature", "padding_taps", "CacheBudget", "ENGINE_CACHE_BYTES"]
 
 CACHE_WEIGHT_ARRAYS = 48  #: per-layer cache budget, in arrays of the layer's weight size (C_out x K float64)
 ENGINE_CACHE_BYTES = 2 << 30
@@ -814,27 +815,6 @@ def padding_taps(sample: np.ndarray, kernel_size: tuple[int, int], padding: tupl
     return np.broadcast_to(pad[:, None], (n, c_in, kh, kw)).reshape(n, -1)
 
 
-def rectified_gaussian_for(mean: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(μ, σ)`` of the Gaussian whose rectification ``max(0, μ + σ·ξ)`` has the given mean and standard deviation
-    (elementwise; both ≥ 0). With ``t = μ/σ``: ``E = σ·(tΦ(t) + φ(t))``, ``E[x²] = σ²·((t² + 1)Φ(t) + tφ(t))``;
-    ``E²/E[x²]`` rises from 0 to 1 with ``t`` and is inverted on a grid of ``t`` in [-4, 8]. Above ``t = 8``
-    (``sd < mean/8``) the rectification is negligible: ``μ = mean, σ = sd``. Below ``t = -4`` (``sd/mean`` above
-    ~240) the mean is kept with the spread of ``t = -4``."""
-    from scipy.stats import norm
-    t = np.linspace(-4.0, 8.0, 3001)
-    cdf, pdf = norm.cdf(t), norm.pdf(t)
-    first = t * cdf + pdf
-    ratio = first ** 2 / ((t * t + 1) * cdf + t * pdf)
-    mean, sd = np.maximum(mean, 0.0), np.maximum(sd, 0.0)
-    second = mean * mean + sd * sd
-    q = np.divide(mean * mean, second, out=np.ones_like(second), where=second > 0)
-    tt = np.interp(q, ratio, t)
-    sigma = np.where(sd > 0, np.divide(mean, np.interp(tt, t, first), out=np.zeros_like(mean), where=mean > 0), 0.0)
-    mu = np.where(sigma > 0, tt * sigma, mean)
-    plain = q >= ratio[-1]
-    return np.where(plain, mean, mu), np.where(plain, sd, sigma)
-
-
 def clipping_shift_applies(model: LayerModel, resolved: ResolvedLayer) -> bool:
     """Whether :func:`adc_clipping_shift` moves anything: a layer with an input sample and an ADC whose range is not
     ``max`` (every partial sum is within range: only noise tails can clip, at the same rate at any operating point).
@@ -851,8 +831,8 @@ def clipping_shift_applies(model: LayerModel, resolved: ResolvedLayer) -> bool:
 
 
 def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.ndarray, beta: np.ndarray,
-                       sd: np.ndarray, silent_mean: np.ndarray | None = None,
-                       silent_sd: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, tuple[ChannelCubic, ...]]:
+                       sd: np.ndarray, silent_mean: np.ndarray,
+                       silent_sd: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[ChannelCubic, ...]]:
     """Change of the layer's ADC gain ``a_c``, offset ``m_c`` (output units) and curvature (the cubic part,
     :class:`.sampled_adc.ChannelCubic`: the moved sample's minus the clean one's, as two terms to add) when its inputs move from the
     probed clean ones ``x`` to ``α_i·x + β_i + sd_i·ξ`` (per input channel ``i``: the regression of the noisy
@@ -872,12 +852,12 @@ def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.nda
     convolution's zero padding (:func:`padding_taps`) stays 0. Unsigned inputs are clipped at 0 by the input
     quantizer, so where ``sd`` is large against ``β`` the moved sample's mean is above ``α·x + β`` (up to ~0.4·sd).
 
-    Inputs that are 0 in the sample (a ReLU's silent outputs) move apart when ``silent_mean`` and ``silent_sd`` are
-    given (per input channel, the noisy input's mean and standard deviation where the clean one is 0): to
+    Inputs that are 0 in the sample (a ReLU's silent outputs) move apart, by ``silent_mean`` and ``silent_sd`` (per
+    input channel, the noisy input's mean and standard deviation where the clean one is 0): to
     ``max(0, μ0 + σ0·ξ)``, the rectified Gaussian with that mean and spread (:func:`rectified_gaussian_for`). The
     noise a layer adds is not the same on its silent and its active outputs: with the active inputs' spread on the
     silent ones too, adc6-cal-offset-weights' silent inputs were lifted by up to 2x their own mean (layer2.0.conv1:
-    0.28 against 0.12 in the route's own pass). Without them, the silent inputs move as the others.
+    0.28 against 0.12 in the route's own pass).
     Zero where :func:`clipping_shift_applies` says it does not apply."""
     cfg, ranges = resolved.config, resolved.ranges
     c_out = model.weight.shape[0]
@@ -904,10 +884,9 @@ def adc_clipping_shift(model: LayerModel, resolved: ResolvedLayer, alpha: np.nda
     ch = model.channel_of_row
     xi = np.random.default_rng(OPERATING_POINT_SEED).standard_normal(sample.shape)
     moved_sample = sample * alpha[ch] + beta[ch] + sd[ch] * xi
-    if silent_mean is not None:
-        mu0, sigma0 = rectified_gaussian_for(np.asarray(silent_mean, float), np.asarray(silent_sd, float))
-        silent = sample == 0
-        moved_sample[silent] = np.maximum(mu0[ch] + sigma0[ch] * xi, 0.0)[silent]
+    mu0, sigma0 = rectified_gaussian_for(np.asarray(silent_mean, float), np.asarray(silent_sd, float))
+    silent = sample == 0
+    moved_sample[silent] = np.maximum(mu0[ch] + sigma0[ch] * xi, 0.0)[silent]
     if model.stats.kind == "conv" and any(model.stats.padding):
         moved_sample[padding_taps(sample, model.stats.kernel_size, model.stats.padding)] = 0.0
     moved = clip_terms(moved_sample)

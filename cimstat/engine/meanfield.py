@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Callable, Mapping
 
 import numpy as np
@@ -56,7 +57,7 @@ from torch import nn
 
 from cimstat.errors import EstimationError
 
-__all__ = ["LayerPerturbation", "PatchVariance", "MeanFieldNetwork", "relu_moments", "operating_point", "MEANFIELD_IMAGES", "MEANFIELD_INPUT_ELEMENTS",
+__all__ = ["LayerPerturbation", "PatchVariance", "MeanFieldNetwork", "relu_moments", "rectified_gaussian_for", "operating_point", "MEANFIELD_IMAGES", "MEANFIELD_INPUT_ELEMENTS",
            "OPERATING_POINT_IMAGES"]
 
 MEANFIELD_IMAGES = 1000
@@ -133,6 +134,30 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
     m1 = torch.addcmul(sd_pdf, mean, cdf)
     m2 = torch.mul(mean, mean, out=z).add_(var).mul_(cdf).addcmul_(mean, sd_pdf)
     return m1, m2.sub_(m1.square()).clamp_min_(0)
+
+
+@lru_cache(maxsize=1)
+def _rectified_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``t`` in [-4, 8], ``E[max(0, t + ξ)]`` and ``E²/E[x²]`` there (:func:`relu_moments` at unit variance)."""
+    t = torch.linspace(-4.0, 8.0, 3001, dtype=torch.float64)
+    first, var = relu_moments(t, torch.ones_like(t))
+    return t.numpy(), first.numpy(), (first.square() / (var + first.square())).numpy()
+
+
+def rectified_gaussian_for(mean: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(μ, σ)`` of the Gaussian whose rectification ``max(0, μ + σ·ξ)`` has the given mean and standard deviation
+    (elementwise; both ≥ 0): the inverse of :func:`relu_moments`. With ``t = μ/σ``, ``E²/E[x²]`` rises from 0 to 1
+    with ``t`` and is inverted on a grid of ``t`` in [-4, 8], then ``σ = mean / E[max(0, t + ξ)]``. Above ``t = 8``
+    (``sd < mean/8``, ``sd = 0`` included) the rectification is negligible: ``μ = mean, σ = sd``. Below ``t = -4``
+    (``sd/mean`` above ~240) the mean is kept with the spread of ``t = -4``."""
+    t, first, ratio = _rectified_grid()
+    mean, sd = np.maximum(mean, 0.0), np.maximum(sd, 0.0)
+    second = mean * mean + sd * sd
+    q = np.divide(mean * mean, second, out=np.ones_like(second), where=second > 0)
+    plain = q >= ratio[-1]
+    tt = np.interp(q, ratio, t)
+    sigma = np.where(plain, sd, mean / np.interp(tt, t, first))
+    return np.where(plain, mean, tt * sigma), sigma
 
 
 def _pair(v) -> tuple[int, int]:
@@ -219,10 +244,9 @@ def operating_point(clean: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) 
     beta = em - alpha * ex
     sd = ((w * v).sum(dims) / n).sqrt()
     s = silent.double()
-    n0 = s.sum(dims)
-    m0 = torch.where(n0 > 0, (s * m).sum(dims) / n0.clamp_min(1), torch.zeros_like(n0))
-    s0 = torch.where(n0 > 0, ((s * (m * m + v)).sum(dims) / n0.clamp_min(1) - m0 * m0).clamp_min(0).sqrt(),
-                     torch.zeros_like(n0))
+    n0 = s.sum(dims).clamp_min(1)               # an empty set's sums are 0: its mean and spread come out 0
+    m0 = (s * m).sum(dims) / n0
+    s0 = ((s * (m * m + v)).sum(dims) / n0 - m0 * m0).clamp_min(0).sqrt()
     return alpha.numpy(), beta.numpy(), sd.numpy(), m0.numpy(), s0.numpy()
 
 
