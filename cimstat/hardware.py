@@ -66,6 +66,7 @@ import math
 import runpy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -87,6 +88,8 @@ __all__ = [
     "adc_code_limits",
     "adc_step",
     "PRESETS",
+    "DIGITAL",
+    "DIGITAL_LAYER",
     "load_config",
 ]
 
@@ -421,8 +424,9 @@ class HardwareConfig:
     """Knobs of every analog layer unless overridden."""
 
     layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    """Per-layer overrides: layer name -> {field: value}. Names are checked against a model
-    with :meth:`check_layer_names`."""
+    """Per-layer overrides: layer name -> {field: value}, or the string ``"digital"`` (:data:`DIGITAL`) for a
+    layer computed exactly, off the analog arrays (the fields of :data:`DIGITAL_LAYER`). Names are checked
+    against a model with :meth:`check_layer_names`."""
 
     seed: int = 0
     """Chip-instance seed: instance ``i`` of a Monte Carlo run draws its programming errors
@@ -442,8 +446,11 @@ class HardwareConfig:
             raise ConfigError(f"layers={self.layers!r} must map layer names to dicts of field overrides")
         checked: dict[str, dict[str, Any]] = {}
         for lname, over in self.layers.items():
+            if over == DIGITAL:
+                over = DIGITAL_LAYER
             if not isinstance(lname, str) or not isinstance(over, Mapping):
-                raise ConfigError(f"layers[{lname!r}] must be a dict of field overrides")
+                raise ConfigError(f"layers[{lname!r}] must be a dict of field overrides or {DIGITAL!r}, "
+                                  f"got {over!r}")
             try:
                 self.default.replace(**dict(over))
             except ConfigError as err:
@@ -523,6 +530,31 @@ class ResolvedLayer:
     config: LayerConfig
     ranges: LayerRanges
 
+    def __post_init__(self) -> None:
+        # Slice tuples are checked on construction against unsigned inputs; a signed input split into two
+        # passes has one magnitude bit less, which is known only here.
+        try:
+            self.config.input_slices(self.ranges.signed_input)
+        except ConfigError as err:
+            hint = ""
+            if self.ranges.signed_input and self.config.signed_input_encoding is SignedInputEncoding.SPLIT:
+                hint = (f" (its inputs are signed and applied in two passes by sign, so input_bits="
+                        f"{self.config.input_bits} leaves {self.config.input_magnitude_bits(True)} magnitude bits; "
+                        f"give it its own '{self.name}.input_slice_bits' or signed_input_encoding='offset')")
+            raise ConfigError(f"layer {self.name!r}: {err}{hint}") from None
+
+
+DIGITAL = "digital"
+"""A per-layer override that takes the layer off the analog arrays: ``layers={"conv1": "digital"}`` (in a sweep
+file ``"conv1": "digital"`` in ``points``/``fixed`` or ``layer_overrides``)."""
+
+DIGITAL_LAYER: Mapping[str, Any] = MappingProxyType({
+    "input_bits": None, "weight_bits": None, "input_slice_bits": None, "weight_slice_bits": None,
+    "rows_per_array": None, "adc_bits": None, "adc_thermal_noise_lsb": 0.0, "programming_error": 0.0,
+    "read_noise": 0.0})
+"""The field overrides of :data:`DIGITAL`: float inputs and weights, no ADC, no device noise, so the layer computes
+its float output exactly (a digital unit at full precision; for a quantised digital layer set ``input_bits`` and
+``weight_bits`` instead and leave the ADC ideal and the noise off)."""
 
 PRESETS: dict[str, HardwareConfig] = {
     "ideal": HardwareConfig(LayerConfig(input_bits=None, weight_bits=None), name="ideal"),

@@ -12,7 +12,9 @@ from cimstat.hardware import (
     PRESETS,
     HardwareConfig,
     LayerConfig,
+    LayerRanges,
     RangeMode,
+    ResolvedLayer,
     WeightEncoding,
     load_config,
     split_bits,
@@ -148,6 +150,27 @@ def test_round_trip_overrides_and_loading(tmp_path):
     flat = HardwareConfig.from_dict({"weight_bits": 6, "seed": 2})
     assert flat.default.weight_bits == 6 and flat.seed == 2
     assert cfg.replace(read_noise=0.1, seed=9).default.read_noise == 0.1
+
+
+def test_digital_layer_override_in_a_config_and_its_dict_round_trip():
+    cfg = HardwareConfig(LayerConfig(input_slice_bits=1, adc_bits=6, rows_per_array=64, read_noise=0.02),
+                         layers={"conv1": "digital"})
+    conv1 = cfg.layer("conv1")
+    assert conv1.input_bits is None and conv1.weight_bits is None and conv1.adc_bits is None
+    assert conv1.rows_per_array is None and conv1.read_noise == 0 and cfg.layer("fc").adc_bits == 6
+    assert HardwareConfig.from_dict(cfg.to_dict()).layer("conv1") == conv1
+    with pytest.raises(ConfigError, match=r"layers\['conv1'\] must be a dict of field overrides or 'digital'"):
+        HardwareConfig(LayerConfig(), layers={"conv1": "float"})
+
+
+def test_input_slice_tuple_that_fits_only_unsigned_inputs_names_the_signed_layer():
+    """(4, 4) passes for 8-bit unsigned inputs but a signed layer split by sign has 7 magnitude bits: the error
+    comes when the layer's signedness is known (resolving its ranges) and names the layer and the way out."""
+    cfg = LayerConfig(input_bits=8, input_slice_bits=(4, 4))
+    ResolvedLayer("layer1.0.conv1", cfg, LayerRanges(False, 1.0, None))
+    ResolvedLayer("conv1", cfg.replace(signed_input_encoding="offset"), LayerRanges(True, 1.0, None))
+    with pytest.raises(ConfigError, match=r"layer 'conv1'.*add up to 7.*'conv1.input_slice_bits'"):
+        ResolvedLayer("conv1", cfg, LayerRanges(True, 1.0, None))
 
 
 def test_split_bits_and_derived_quantities():

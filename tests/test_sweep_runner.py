@@ -194,6 +194,26 @@ def test_plots_table_and_validation_report(tmp_path):
 
 
 
+def test_a_list_of_designs_gets_one_designs_plot_not_a_plot_per_knob_some_set(tmp_path):
+    """Points that each set their own knobs: no ``<param>.png`` for a knob left blank on some points (its x
+    axis would mix values with 'not set'), one ``designs.png`` with every metric per label; a knob every point
+    sets is still an axis."""
+    frame = pd.DataFrame([
+        {"combo": 0, "label": "a", "input_bits": 6, "adc_bits": 6, "conv1.weight_bits": None,
+         "conv1_snr_db": float("inf"), "fc_snr_db": 20.0, "top1": 0.98},
+        {"combo": 1, "label": "b", "input_bits": 4, "adc_bits": np.nan, "conv1.weight_bits": 8,
+         "conv1_snr_db": 30.0, "fc_snr_db": 15.0, "top1": 0.95},
+        {"combo": 2, "label": "c", "input_bits": 8, "adc_bits": 5, "conv1.weight_bits": np.nan,
+         "conv1_snr_db": 25.0, "fc_snr_db": 10.0, "top1": 0.90},
+    ])
+    written = plot_metrics(frame, ["input_bits", "adc_bits", "conv1.weight_bits"], tmp_path)
+    assert sorted(p.name for p in written) == ["designs.png", "input_bits.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in written)
+    unlabelled = frame.assign(label=["a", "", "c"])
+    (tmp_path / "u").mkdir()
+    assert [p.name for p in plot_metrics(unlabelled, ["input_bits"], tmp_path / "u")] == ["input_bits.png"]
+
+
 def test_validation_report_separates_the_mean_field_route():
     """Configurations on the mean-field route are counted, their top-1 errors reported apart from the linear
     route's, marked `mf` in the table; fc errors below the 10 dB line are reported without a target."""

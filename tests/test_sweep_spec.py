@@ -75,6 +75,23 @@ def test_points_times_product_labels_and_layer_overrides(tmp_path):
     assert first.layer("fc").weight_bits == 6 and first.layer("conv1").weight_bits == 8
 
 
+def test_a_layer_taken_digital_in_one_word_in_points_fixed_and_overrides(tmp_path):
+    """``"conv1": "digital"`` sets every field a float, noiseless, ADC-free layer needs (one override of the
+    whole layer instead of nine that each error names in turn); the other layers keep the swept design."""
+    spec = load_sweep(write(tmp_path, """
+        fixed = {"input_slice_bits": 2, "adc_bits": 6, "rows_per_array": 128, "adc_thermal_noise_lsb": 0.5}
+        layer_overrides = {"fc": "digital"}
+        points = [{"label": "ends", "conv1": "digital"}, {"label": "core", "read_noise": 0.01}]
+    """))
+    ends, core = (c.config for c in spec.combinations)
+    for layer in (ends.layer("conv1"), ends.layer("fc"), core.layer("fc")):
+        assert layer.input_bits is None and layer.weight_bits is None and layer.adc_bits is None
+        assert layer.input_slice_bits is None and layer.adc_thermal_noise_lsb == 0 and layer.read_noise == 0
+    assert core.layer("conv1").adc_bits == 6 and ends.layer("layer1.0.conv1").input_slice_bits == 2
+    with pytest.raises(SweepError, match="layer_overrides must map layer names to .* or 'digital'"):
+        load_sweep(write(tmp_path, 'layer_overrides = {"fc": "analog"}\npoints = [{}]'))
+
+
 def test_list_values_become_tuples_and_csv_format(tmp_path):
     spec = load_sweep(write(tmp_path, 'params_sweep_list = {"weight_slice_bits": [[3, 4], 2, None]}'))
     assert spec.combinations[0].config.default.weight_slice_bits == (3, 4)

@@ -1,9 +1,10 @@
 """PNG plots of sweep results (matplotlib, Agg backend, each file written atomically).
 
-* :func:`plot_metrics`: for every swept parameter, ``<param>.png`` with one panel per
-  metric (conv1 SNR, fc SNR, top-1) against that parameter; one line per combination of
+* :func:`plot_metrics`: for every swept parameter set on every combination (a grid axis), ``<param>.png``
+  with one panel per metric (conv1 SNR, fc SNR, top-1) against that parameter; one line per combination of
   the other parameters when there are at most 8 of them, otherwise the points and their
-  median per value.
+  median per value. A parameter that only some points set (a list of designs) gets no plot of its own:
+  labelled combinations get ``designs.png`` instead, every metric per design.
 * :func:`plot_validation`: ``validation_scatter.png``, estimate (y) against Monte Carlo (x)
   for conv1 SNR, fc SNR and top-1, with the y = x line.
 """
@@ -18,7 +19,7 @@ import pandas as pd
 
 from cimstat.sweeps.rundir import atomic_write
 
-__all__ = ["plot_metrics", "plot_validation", "METRICS"]
+__all__ = ["plot_metrics", "plot_designs", "plot_validation", "METRICS"]
 
 METRICS: dict[str, str] = {"conv1_snr_db": "conv1 SNR (dB)", "fc_snr_db": "fc (logits) SNR (dB)",
                            "top1": "top-1 (%)"}
@@ -58,18 +59,61 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _set_everywhere(frame: pd.DataFrame, param: str) -> bool:
+    """Whether every combination gives ``param`` a value (a blank cell: a point that leaves it at the base)."""
+    column = frame[param]
+    return bool(column.notna().all() and not (column.astype(str) == "").any())
+
+
+def plot_designs(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str], title: str = "") -> Path | None:
+    """``designs.png``: every metric per labelled combination (one row per design, in sweep order)."""
+    if "label" not in frame.columns or frame.empty:
+        return None
+    labels = frame["label"].fillna("").astype(str).tolist()
+    if not all(labels):
+        return None
+    plt = _pyplot()
+    if "seed" in frame.columns and frame["seed"].nunique() > 1:
+        labels = [f"{lab} (seed {s})" for lab, s in zip(labels, frame["seed"])]
+    pos = np.arange(len(labels))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 3.0, 0.9 + 0.28 * len(labels)),
+                             squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics):
+        y = _metric_values(frame, metric)
+        ok = np.isfinite(y)
+        ax.scatter(y[ok], pos[ok], s=18)
+        for p in pos[~ok]:  # no finite value: exact (infinite SNR) or not evaluated
+            ax.text(0.02, p, "exact" if np.isinf(y[p]) else "n/a", transform=ax.get_yaxis_transform(),
+                    va="center", fontsize=7, color="0.4")
+        ax.set_xlabel(METRICS.get(metric, metric))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_yticks(pos)
+    axes[0][0].set_yticklabels(labels, fontsize=7)
+    axes[0][0].invert_yaxis()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(out_dir) / "designs.png"
+    _save(fig, path)
+    return path
+
+
 def plot_metrics(frame: pd.DataFrame, parameters: Sequence[str], out_dir: Path,
                  metrics: Sequence[str] = tuple(METRICS), title: str = "") -> list[Path]:
-    """One PNG per swept parameter: every metric against it. Returns the files written."""
+    """One PNG per swept parameter set on every combination: every metric against it; ``designs.png`` when
+    the combinations are labelled. Returns the files written."""
     plt = _pyplot()
     metrics = [m for m in metrics if m in frame.columns and pd.to_numeric(frame[m], errors="coerce").notna().any()]
     written: list[Path] = []
     if not metrics or frame.empty:
         return written
-    for param in parameters:
-        if param not in frame.columns or frame[param].nunique() < 2:
+    designs = plot_designs(frame, out_dir, metrics, title)
+    if designs is not None:
+        written.append(designs)
+    axes_params = [p for p in parameters if p in frame.columns and _set_everywhere(frame, p)]
+    for param in axes_params:
+        if frame[param].nunique() < 2:
             continue
-        others = [p for p in parameters if p != param and p in frame.columns and frame[p].nunique() > 1]
+        others = [p for p in axes_params if p != param and frame[p].nunique() > 1]
         x, categories = _x_positions(frame[param])
         groups = frame.groupby(others if len(others) > 1 else others[0], sort=False).groups if others \
             else {(): frame.index}

@@ -18,7 +18,9 @@ A sweep file is a Python module. Every name it may define (all optional but one 
 ``fixed``
     ``{parameter: value}`` applied to every combination (not a column of the output).
 ``layer_overrides``
-    ``{layer: {field: value}}`` fixed per-layer overrides (same as dotted keys in ``fixed``).
+    ``{layer: {field: value}}`` fixed per-layer overrides (same as dotted keys in ``fixed``); the value
+    ``"digital"`` takes a layer off the analog arrays (float, exact; :data:`cimstat.hardware.DIGITAL_LAYER`),
+    as ``{layer: "digital"}`` does in ``fixed`` or in a point.
 ``base``
     The starting design: a preset name of :data:`cimstat.hardware.PRESETS`, a config dict, a
     JSON/Python config file or a :class:`~cimstat.hardware.HardwareConfig`; default:
@@ -51,7 +53,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cimstat.errors import CimstatError, ConfigError, SweepError
-from cimstat.hardware import LAYER_FIELDS, HardwareConfig, load_config
+from cimstat.hardware import DIGITAL, DIGITAL_LAYER, LAYER_FIELDS, HardwareConfig, load_config
 
 __all__ = ["SweepSpec", "Combination", "load_sweep", "build_sweep", "SWEEP_FILE_NAMES",
            "parameter_key", "format_value"]
@@ -172,8 +174,11 @@ def _flatten(mapping: Any, where: str, *, lists: bool) -> dict[str, Any]:
                          f"got {type(mapping).__name__}")
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
-        if (isinstance(key, str) and key != SEED and key not in LAYER_FIELDS
-                and key.rsplit(".", 1)[-1] not in LAYER_FIELDS and isinstance(value, Mapping)):
+        layer_key = (isinstance(key, str) and key != SEED and key not in LAYER_FIELDS
+                     and key.rsplit(".", 1)[-1] not in LAYER_FIELDS)
+        if layer_key and not lists and isinstance(value, str) and value == DIGITAL:
+            value = dict(DIGITAL_LAYER)
+        if layer_key and isinstance(value, Mapping):
             for fname, v in value.items():
                 if fname not in LAYER_FIELDS:
                     raise SweepError(f"{where}[{key!r}]: {fname!r} is not a hardware field; known fields: "
@@ -253,8 +258,10 @@ def build_sweep(namespace: Mapping[str, Any], *, name: str, path: Path | None = 
         raise SweepError(f"{where}: base: {err}") from None
     fixed = _flatten(namespace.get("fixed", {}) or {}, f"{where}: fixed", lists=False)
     overrides = namespace.get("layer_overrides", {}) or {}
-    if not isinstance(overrides, Mapping) or not all(isinstance(v, Mapping) for v in overrides.values()):
-        raise SweepError(f"{where}: layer_overrides must map layer names to {{field: value}} dicts")
+    if not isinstance(overrides, Mapping) or not all(isinstance(v, Mapping) or v == DIGITAL
+                                                     for v in overrides.values()):
+        raise SweepError(f"{where}: layer_overrides must map layer names to {{field: value}} dicts or {DIGITAL!r}")
+    overrides = {layer: DIGITAL_LAYER if over == DIGITAL else over for layer, over in overrides.items()}
     fixed.update(_flatten({f"{layer}.{f}": v for layer, over in overrides.items() for f, v in over.items()},
                           f"{where}: layer_overrides", lists=False))
     try:
