@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from cimstat.errors import EstimationError, SweepError
-from cimstat.sweeps.plots import plot_metrics, plot_validation
+from cimstat.sweeps.plots import _metric_values, plot_designs, plot_metrics, plot_validation
 from cimstat.sweeps.report import compact_table, top1_error_in_standard_errors, validation_report, validation_stats
 from cimstat.sweeps.rundir import MARKER, RunDir
 from cimstat.sweeps.runner import prepare_run_dir, run_combinations
@@ -208,6 +208,12 @@ def test_a_list_of_designs_gets_one_designs_plot_not_a_plot_per_knob_some_set(tm
     ])
     written = plot_metrics(frame, ["input_bits", "adc_bits", "conv1.weight_bits"], tmp_path)
     assert sorted(p.name for p in written) == ["designs.png", "input_bits.png"]
+    # a validation run: the MC beside each estimate, both top-1 values in % (the MC's was plotted as a fraction)
+    validated = frame.assign(mc_top1=[0.97, 0.94, 0.91], mc_top1_se_pp=[0.5, 0.6, 0.7],
+                             mc_fc_snr_db=[19.5, 15.2, 10.1], mc_fc_snr_se_db=[0.1, 0.1, 0.1])
+    assert list(_metric_values(validated, "mc_top1")) == pytest.approx([97.0, 94.0, 91.0])
+    (tmp_path / "v").mkdir()
+    assert plot_designs(validated, tmp_path / "v", ["fc_snr_db", "top1"]).stat().st_size > 1000
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in written)
     unlabelled = frame.assign(label=["a", "", "c"])
     (tmp_path / "u").mkdir()

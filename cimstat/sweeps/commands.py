@@ -300,7 +300,8 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
         path = plot_validation(frame, rd.path, title=f"sweep {spec.name}: estimate vs Monte Carlo")
         if path is not None:
             plots.append(path)
-        plots.extend(plot_metrics(frame, spec.parameters, rd.path, title=f"sweep {spec.name} (estimate)"))
+        plots.extend(plot_metrics(frame, spec.parameters, rd.path,
+                                  title=f"sweep {spec.name} (estimate; with the MC in designs.png)"))
         write_report(rd, frame)
 
     if args.report_only:

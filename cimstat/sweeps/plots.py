@@ -24,6 +24,9 @@ __all__ = ["plot_metrics", "plot_designs", "plot_validation", "METRICS"]
 METRICS: dict[str, str] = {"conv1_snr_db": "conv1 SNR (dB)", "fc_snr_db": "fc (logits) SNR (dB)",
                            "top1": "top-1 (%)"}
 MAX_LINES = 8
+MC_SE_COLUMNS: dict[str, str] = {"conv1_snr_db": "mc_conv1_snr_se_db", "fc_snr_db": "mc_fc_snr_se_db",
+                                 "top1": "mc_top1_se_pp"}
+"""The standard error column of each metric's Monte Carlo value (in the metric's plotted unit: dB, pp)."""
 
 
 def _pyplot():
@@ -49,8 +52,9 @@ def _x_positions(values: pd.Series) -> tuple[np.ndarray, list[str] | None]:
 
 
 def _metric_values(frame: pd.DataFrame, metric: str) -> np.ndarray:
+    """A metric column as plotted: top-1 (estimate or Monte Carlo, stored as fractions) in %, SNRs in dB."""
     y = pd.to_numeric(frame[metric], errors="coerce").to_numpy(dtype=float)
-    return 100 * y if metric == "top1" else y
+    return 100 * y if metric in ("top1", "mc_top1") else y
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -66,7 +70,8 @@ def _set_everywhere(frame: pd.DataFrame, param: str) -> bool:
 
 
 def plot_designs(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str], title: str = "") -> Path | None:
-    """``designs.png``: every metric per labelled combination (one row per design, in sweep order)."""
+    """``designs.png``: every metric per labelled combination (one row per design, in sweep order); where the
+    frame has Monte Carlo columns (a validation run), the MC value and its standard error beside the estimate."""
     if "label" not in frame.columns or frame.empty:
         return None
     labels = frame["label"].fillna("").astype(str).tolist()
@@ -81,7 +86,17 @@ def plot_designs(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str], tit
     for ax, metric in zip(axes[0], metrics):
         y = _metric_values(frame, metric)
         ok = np.isfinite(y)
-        ax.scatter(y[ok], pos[ok], s=18)
+        ax.scatter(y[ok], pos[ok], s=18, label="estimate", zorder=3)
+        mc_col = f"mc_{metric}"
+        if mc_col in frame.columns:  # a validation run: the Monte Carlo beside each estimate, ± its standard error
+            mc = _metric_values(frame, mc_col)
+            se = pd.to_numeric(frame.get(MC_SE_COLUMNS[metric], pd.Series(np.nan, index=frame.index)),
+                               errors="coerce").to_numpy(dtype=float)
+            has = np.isfinite(mc)
+            ax.errorbar(mc[has], pos[has] + 0.18, xerr=np.where(np.isfinite(se[has]), se[has], 0.0), fmt="s",
+                        ms=4, color="tab:orange", elinewidth=1, capsize=2, label="Monte Carlo ± se")
+            if ax is axes[0][0]:
+                ax.legend(fontsize=7)
         for p in pos[~ok]:  # no finite value: exact (infinite SNR) or not evaluated
             ax.text(0.02, p, "exact" if np.isinf(y[p]) else "n/a", transform=ax.get_yaxis_transform(),
                     va="center", fontsize=7, color="0.4")
