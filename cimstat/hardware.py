@@ -90,6 +90,7 @@ __all__ = [
     "PRESETS",
     "DIGITAL",
     "DIGITAL_LAYER",
+    "layer_override",
     "load_config",
 ]
 
@@ -446,8 +447,7 @@ class HardwareConfig:
             raise ConfigError(f"layers={self.layers!r} must map layer names to dicts of field overrides")
         checked: dict[str, dict[str, Any]] = {}
         for lname, over in self.layers.items():
-            if over == DIGITAL:
-                over = DIGITAL_LAYER
+            over = layer_override(over)
             if not isinstance(lname, str) or not isinstance(over, Mapping):
                 raise ConfigError(f"layers[{lname!r}] must be a dict of field overrides or {DIGITAL!r}, "
                                   f"got {over!r}")
@@ -555,6 +555,13 @@ DIGITAL_LAYER: Mapping[str, Any] = MappingProxyType({
 """The field overrides of :data:`DIGITAL`: float inputs and weights, no ADC, no device noise, so the layer computes
 its float output exactly (a digital unit at full precision; for a quantised digital layer set ``input_bits`` and
 ``weight_bits`` instead and leave the ADC ideal and the noise off)."""
+
+
+
+def layer_override(over: Any) -> Any:
+    """A layer's override as field values: :data:`DIGITAL_LAYER` for ``"digital"``, anything else unchanged."""
+    return DIGITAL_LAYER if isinstance(over, str) and over == DIGITAL else over
+
 
 PRESETS: dict[str, HardwareConfig] = {
     "ideal": HardwareConfig(LayerConfig(input_bits=None, weight_bits=None), name="ideal"),

@@ -90,10 +90,10 @@ def plot_designs(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str], tit
         mc_col = f"mc_{metric}"
         if mc_col in frame.columns:  # a validation run: the Monte Carlo beside each estimate, ± its standard error
             mc = _metric_values(frame, mc_col)
-            se = pd.to_numeric(frame.get(MC_SE_COLUMNS[metric], pd.Series(np.nan, index=frame.index)),
-                               errors="coerce").to_numpy(dtype=float)
+            se_col = MC_SE_COLUMNS[metric]
+            se = _metric_values(frame, se_col) if se_col in frame.columns else np.zeros(len(frame))
             has = np.isfinite(mc)
-            ax.errorbar(mc[has], pos[has] + 0.18, xerr=np.where(np.isfinite(se[has]), se[has], 0.0), fmt="s",
+            ax.errorbar(mc[has], pos[has] + 0.18, xerr=np.nan_to_num(se[has]), fmt="s",
                         ms=4, color="tab:orange", elinewidth=1, capsize=2, label="Monte Carlo ± se")
             if ax is axes[0][0]:
                 ax.legend(fontsize=7)

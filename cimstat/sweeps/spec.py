@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cimstat.errors import CimstatError, ConfigError, SweepError
-from cimstat.hardware import DIGITAL, DIGITAL_LAYER, LAYER_FIELDS, HardwareConfig, load_config
+from cimstat.hardware import DIGITAL, LAYER_FIELDS, HardwareConfig, layer_override, load_config
 
 __all__ = ["SweepSpec", "Combination", "load_sweep", "build_sweep", "SWEEP_FILE_NAMES",
            "parameter_key", "format_value"]
@@ -176,8 +176,8 @@ def _flatten(mapping: Any, where: str, *, lists: bool) -> dict[str, Any]:
     for key, value in mapping.items():
         layer_key = (isinstance(key, str) and key != SEED and key not in LAYER_FIELDS
                      and key.rsplit(".", 1)[-1] not in LAYER_FIELDS)
-        if layer_key and not lists and isinstance(value, str) and value == DIGITAL:
-            value = dict(DIGITAL_LAYER)
+        if layer_key and not lists:
+            value = layer_override(value)
         if layer_key and isinstance(value, Mapping):
             for fname, v in value.items():
                 if fname not in LAYER_FIELDS:
@@ -258,10 +258,10 @@ def build_sweep(namespace: Mapping[str, Any], *, name: str, path: Path | None = 
         raise SweepError(f"{where}: base: {err}") from None
     fixed = _flatten(namespace.get("fixed", {}) or {}, f"{where}: fixed", lists=False)
     overrides = namespace.get("layer_overrides", {}) or {}
-    if not isinstance(overrides, Mapping) or not all(isinstance(v, Mapping) or v == DIGITAL
-                                                     for v in overrides.values()):
+    if isinstance(overrides, Mapping):
+        overrides = {layer: layer_override(over) for layer, over in overrides.items()}
+    if not isinstance(overrides, Mapping) or not all(isinstance(v, Mapping) for v in overrides.values()):
         raise SweepError(f"{where}: layer_overrides must map layer names to {{field: value}} dicts or {DIGITAL!r}")
-    overrides = {layer: DIGITAL_LAYER if over == DIGITAL else over for layer, over in overrides.items()}
     fixed.update(_flatten({f"{layer}.{f}": v for layer, over in overrides.items() for f, v in over.items()},
                           f"{where}: layer_overrides", lists=False))
     try:
