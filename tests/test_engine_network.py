@@ -479,3 +479,49 @@ def test_layer_caches_share_one_byte_budget_without_changing_results(default_pro
         largest = max(s for lm in tight.layers.values() for s in lm._sizes.values())
         assert held == tight.cache_budget.held and held <= budget + largest
     assert roomy.cache_budget.held > 2 * budget  # the same sweep, unconstrained, holds far more
+
+
+def test_one_coherent_image_that_flips_moves_top1_by_one_image_of_all_not_of_the_coherent_ones(engine):
+    """The per-image logit shifts are known on the first n (64) probe images only. A shift that turns one of
+    their wrong images right is about one image among all N probe images, not one in 64 (1.6 pp):
+    before the control variate it was extrapolated, and a design whose float network scores 98.9 % got 100.0 %."""
+    logits, labels = engine.logits, engine.labels
+    n = engine._coherent[next(iter(engine._coherent))][0].shape[0]
+    wrong = np.flatnonzero(logits[:n].argmax(1) != labels[:n])
+    assert wrong.size, "the coherent probe images have no misclassified image to flip"
+    i = int(wrong[0])
+    var = np.full(logits.shape[1], 1e-6)
+    shift = np.zeros((n, logits.shape[1]))
+    shift[i, labels[i]] = logits[i].max() - logits[i, labels[i]] + 5.0  # image i becomes confidently right
+    base, _ = engine._top1(var, np.zeros_like(shift), None)
+    flipped, _ = engine._top1(var, shift, None)
+    # the fitted per-class line spreads a little of the outlier over the other images (1.5 images here)
+    assert 0.5 / len(logits) < flipped - base < 2 / len(logits) < 1 / n, (base, flipped, len(logits), n)
+
+
+def test_a_shift_linear_in_the_logits_applies_to_every_probe_image(engine):
+    """A systematic shift ``a·z + b`` per class, seen on the coherent images, is what every image gets: the top-1
+    is that of the shifted logits of all probe images."""
+    from cimstat.accuracy import top1
+
+    logits, labels = engine.logits, engine.labels
+    n = engine._coherent[next(iter(engine._coherent))][0].shape[0]
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 0.3, logits.shape[1]), rng.normal(0, 1.0, logits.shape[1])
+    var = np.full(logits.shape[1], 0.5 * float(logits.var()))
+    acc, _ = engine._top1(var, logits[:n] * a + b, None)
+    assert acc == pytest.approx(top1(logits * (1 + a) + b, labels, var), abs=1e-9)
+
+
+
+def test_a_zero_shift_changes_nothing_with_or_without_per_image_variances(engine):
+    """The shift's control variate and the per-image variances' change must agree with the plain estimate when
+    the shift is zero: per-image variances alone change the top-1 by the change they make on their images."""
+    logits = engine.logits
+    n = engine._coherent[next(iter(engine._coherent))][0].shape[0]
+    var = np.full(logits.shape[1], 0.3 * float(logits.var()))
+    image_var = var * np.random.default_rng(1).uniform(0.2, 3.0, (n, logits.shape[1]))
+    zero = np.zeros((n, logits.shape[1]))
+    for iv in (None, image_var):
+        assert engine._top1(var, zero, iv)[0] == pytest.approx(engine._top1(var, None, iv)[0], abs=1e-12)
+    assert engine._top1(var, None, image_var)[0] != pytest.approx(engine._top1(var, None, None)[0], abs=1e-6)
