@@ -525,3 +525,23 @@ def test_a_zero_shift_changes_nothing_with_or_without_per_image_variances(engine
     for iv in (None, image_var):
         assert engine._top1(var, zero, iv)[0] == pytest.approx(engine._top1(var, None, iv)[0], abs=1e-12)
     assert engine._top1(var, None, image_var)[0] != pytest.approx(engine._top1(var, None, None)[0], abs=1e-6)
+
+
+def test_meanfield_top1_on_request_takes_top1_from_the_route_and_keeps_the_linear_fc(small_engine, default_probes):
+    """``meanfield_top1=True`` on a design the linear route holds: top-1 (and its SE) from the mean-field route,
+    the fc SNR, the route and ``top1_linear`` from the linear route; without the network to run the route on, the
+    linear top-1 stays, with a note that says why."""
+    from cimstat.engine import Engine
+    from cimstat.engine.network import _model_weights
+
+    cfg = HardwareConfig(LayerConfig(input_bits=6, weight_bits=6, read_noise=0.03), name="t")
+    linear = small_engine.estimate(cfg)
+    both = small_engine.estimate(cfg, meanfield_top1=True)
+    assert linear.route == both.route == "linear"
+    assert both.fc_snr_db == linear.fc_snr_db and both.top1_linear == linear.top1
+    assert both.top1 != linear.top1 and 0.0 <= both.top1 <= 1.0 and both.top1_se > 0
+    assert "mean-field route" in both.route_note and math.isfinite(both.fc_snr_db_meanfield)
+    assert not linear.route_note
+    weights, _ = _model_weights(default_probes)
+    bare = Engine(default_probes, weights).estimate(cfg, meanfield_top1=True)
+    assert bare.top1 == bare.top1_linear and "mean-field route is not available" in bare.top1_note

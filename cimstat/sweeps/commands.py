@@ -55,12 +55,19 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: cimstat.engine.meanfield.MEANFIELD_IMAGES, 1000, all of the default model's); "
                              "fewer is faster in proportion, and the top1_se column shows the larger image-sampling "
                              "error")
+    parser.add_argument("--meanfield-top1", action="store_true",
+                        help="top-1 from the engine's mean-field route on every combination, the fc SNR still linear "
+                             "(about 11 s per configuration for the default model instead of about 0.1 s; closer to "
+                             "the Monte Carlo where noise is large; see cimstat.engine.network.MEANFIELD_TOP1_NOTE)")
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """Engine settings a resumed run must share, where they differ from the defaults (runs made before they
     existed resume as before)."""
-    return {} if args.meanfield_images is None else {"meanfield_images": args.meanfield_images}
+    out: dict[str, Any] = {} if args.meanfield_images is None else {"meanfield_images": args.meanfield_images}
+    if args.meanfield_top1:
+        out["meanfield_top1"] = True
+    return out
 
 
 def _positive_int(text: str) -> int:
@@ -130,7 +137,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         print(f"{'resuming' if resumed else 'running'} sweep {spec.name!r}: {len(combos)} combinations "
               f"-> {run_dir.path}", file=sys.stderr)
     evaluator = EstimateEvaluator(probe_dir, spec.model or model_name, spec.weights, adc_per_image=args.adc_per_image,
-                                  meanfield_images=args.meanfield_images)
+                                  meanfield_images=args.meanfield_images, meanfield_top1=args.meanfield_top1)
     plots: list[Path] = []
 
     def finalize(rd, frame):
@@ -277,7 +284,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     evaluator = ValidationEvaluator(probe_dir, model_name, spec.weights, dataset, data_root, args.n_images,
                                     args.instances, args.batch_size,
                                     cache_dir, args.programmed_instances, adc_per_image=args.adc_per_image,
-                                    meanfield_images=args.meanfield_images,
+                                    meanfield_images=args.meanfield_images, meanfield_top1=args.meanfield_top1,
                                     device=args.device, top1_images=args.top1_images,
                                     refresh_cache=args.mc_refresh)
     plots: list[Path] = []

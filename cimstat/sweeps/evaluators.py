@@ -83,6 +83,8 @@ class EstimateEvaluator:
     """The engine's precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
     meanfield_images: int | None = None
     """Probe images the engine's mean-field route runs over (None: :data:`cimstat.engine.meanfield.MEANFIELD_IMAGES`)."""
+    meanfield_top1: bool = False
+    """Top-1 from the engine's mean-field route on every combination (:data:`cimstat.engine.network.MEANFIELD_TOP1_NOTE`)."""
 
     def setup(self) -> None:
         from cimstat.calibrate import Calibrations
@@ -113,7 +115,7 @@ class EstimateEvaluator:
 
         t0 = time.perf_counter()
         est = estimate(self._probes, combo.config, resolved, model=self._model, adc_per_image=self.adc_per_image,
-                       meanfield_images=self.meanfield_images)
+                       meanfield_images=self.meanfield_images, meanfield_top1=self.meanfield_top1)
         seconds = time.perf_counter() - t0
         row = {k: v for k, v in est.to_row().items() if k not in DROPPED_ENGINE_COLUMNS}
         if self.per_layer:
@@ -265,6 +267,8 @@ class ValidationEvaluator:
     """The engine's precise ADC route (:data:`cimstat.engine.network.ADC_PER_IMAGE_NOTE`)."""
     meanfield_images: int | None = None
     """Probe images the engine's mean-field route runs over (None: :data:`cimstat.engine.meanfield.MEANFIELD_IMAGES`)."""
+    meanfield_top1: bool = False
+    """Top-1 from the engine's mean-field route on every combination (:data:`cimstat.engine.network.MEANFIELD_TOP1_NOTE`)."""
 
     refresh_cache: bool = False
     """Rerun the Monte Carlo even where a cached result exists, and replace it in the cache."""
@@ -294,7 +298,8 @@ class ValidationEvaluator:
         self._model = load(self.model_name, self.weights)
         self._fingerprint = weights_fingerprint(self._model)
         self._estimator = EstimateEvaluator(self.probe_dir, self.model_name, self.weights, per_layer=True,
-                                            adc_per_image=self.adc_per_image, meanfield_images=self.meanfield_images)
+                                            adc_per_image=self.adc_per_image, meanfield_images=self.meanfield_images,
+                                            meanfield_top1=self.meanfield_top1)
         self._estimator.setup()
         self._estimator._probes.check_model(self._model)
         self._loader = loader(self.dataset, "validation", self.batch_size, self.data_root, n_images=self.n_images)
