@@ -557,7 +557,6 @@ its float output exactly (a digital unit at full precision; for a quantised digi
 ``weight_bits`` instead and leave the ADC ideal and the noise off)."""
 
 
-
 def layer_override(over: Any) -> Any:
     """A layer's override as field values: :data:`DIGITAL_LAYER` for ``"digital"``, anything else unchanged."""
     return DIGITAL_LAYER if isinstance(over, str) and over == DIGITAL else over

@@ -84,8 +84,8 @@ the nonlinear network (ReLU, pooling, ADC clipping), which the linear route's to
 linear-route designs of the validation and stress sweeps, against the Monte Carlo on the same 1,000 probe images,
 its top-1 was off by 0.12 pp on average (max 0.28, signed −0.01) where the linear route's was 0.26 (max 0.61,
 optimistic by 0.25). Its fc SNR is not used here: with input rounding alone it can be far too high
-(in4: 21.38 against the MC's 18.15 dB). It costs the route's pass over the probe images, about 11 s per design on
-the default model with 2 threads against about 0.1 s; without the model (weight matrices only) top-1 stays linear
+(in4: 21.38 against the MC's 18.15 dB). It costs the route's pass over the probe images: 11-22 s per design on
+the default model with 2 threads (nine validation designs), against 0.1-3 s on the linear route; without the model (weight matrices only) top-1 stays linear
 and ``top1_note`` says why."""
 
 TOP1_MIN_FC_SNR_DB = 7.0
@@ -439,20 +439,22 @@ class Engine:
         out = Estimate(config_name=config.name, layers=layers, logit_noise=logit, logit_signal=self.logit_signal,
                        top1=acc, top1_clean=self.top1_clean, seconds=0.0, layer_logit_noise=per_layer,
                        top1_linear=acc, top1_se=acc_se)
-        if note and not precise:  # the collapse regime: the mean-field route (the precise route takes the default's)
+        # the collapse regime, or asked for (meanfield_top1): the mean-field route (the precise route takes the default's)
+        if (note or meanfield_top1) and not precise:
             try:
                 out.fc_snr_db_meanfield, out.top1, out.top1_se = self._meanfield_route(resolved, layers)
-                out.route, out.route_note = "meanfield", "mean-field route: " + note
             except EstimationError as err:
-                out.top1 = out.top1_se = math.nan
-                out.top1_note = (f"top-1 not estimated: {note}, and the mean-field route is not available ({err}); "
-                                 "run the Monte Carlo referee for this design")
-        elif meanfield_top1 and not precise:  # asked for: top-1 from the mean-field route, fc SNR linear
-            try:
-                out.fc_snr_db_meanfield, out.top1, out.top1_se = self._meanfield_route(resolved, layers)
-                out.route_note = "top-1 from the mean-field route (meanfield_top1); fc SNR from the linear route"
-            except EstimationError as err:
-                out.top1_note = f"top-1 from the linear route: the mean-field route is not available ({err})"
+                if note:
+                    out.top1 = out.top1_se = math.nan
+                    out.top1_note = (f"top-1 not estimated: {note}, and the mean-field route is not available "
+                                     f"({err}); run the Monte Carlo referee for this design")
+                else:
+                    out.top1_note = f"top-1 from the linear route: the mean-field route is not available ({err})"
+            else:
+                if note:
+                    out.route, out.route_note = "meanfield", "mean-field route: " + note
+                else:
+                    out.route_note = "top-1 from the mean-field route (meanfield_top1); fc SNR from the linear route"
         out.seconds = time.perf_counter() - start
         return out
 

@@ -57,7 +57,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                              "error")
     parser.add_argument("--meanfield-top1", action="store_true",
                         help="top-1 from the engine's mean-field route on every combination, the fc SNR still linear "
-                             "(about 11 s per configuration for the default model instead of about 0.1 s; closer to "
+                             "(11-22 s per configuration for the default model instead of 0.1-3 s; closer to "
                              "the Monte Carlo where noise is large; see cimstat.engine.network.MEANFIELD_TOP1_NOTE)")
 
 
