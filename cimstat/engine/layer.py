@@ -478,6 +478,7 @@ class _CodeSums:
     read: np.ndarray      #: Σ Σ_passes Σ_j 4^{o_j} E[s_jk²] (input slices)
     mean: np.ndarray      #: Σ μ_k
     moment_w: np.ndarray  #: Σ (M W_c)_k
+    diag: np.ndarray | None  #: Σ D_k, the input moment's residual diagonal (None where it is 0)
     sens: np.ndarray | None    #: Σ S_ck·ε_k (S the per-weight sensitivity, ε_k = Δx² E[u_k²] / E[x_k²])
     sens_w: np.ndarray | None  #: Σ S_ck·ε_k·W_ck
     sens_w2: np.ndarray | None  #: (C_out,) Σ_k S_ck·ε_k·W_ck²
@@ -506,7 +507,8 @@ def _code_sums(model: LayerModel, plan: InputPlan, wq: WeightCodes, qmax: int) -
         se = model.weight_sens * energy
         sens, sens_w, sens_w2 = hist(se), hist(se * w), (se * w * w).sum(1)
     return _CodeSums(count=hist(np.ones(k)), eu2=hist(eu2), read=hist(e_read), mean=hist(mom.mean),
-                     moment_w=hist(moment_w), sens=sens, sens_w=sens_w, sens_w2=sens_w2)
+                     moment_w=hist(moment_w), diag=hist(mom.diag) if np.any(mom.diag) else None,
+                     sens=sens, sens_w=sens_w, sens_w2=sens_w2)
 
 
 def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: WeightCodes, sums: _CodeSums) -> dict:
@@ -534,9 +536,12 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
     # deviation's spread it cannot move any result, and the per-weight quadratic form is skipped
     if np.abs(b).max() > 1e-12 * math.sqrt(float(np.max(lut.var_prog + lut.var_read))):
         mom, w = model.moment, model.weight
+        # E[(v·x)²] of the per-weight bias v_ck = b(q_ck): its low-rank part from v itself (the table rolled so that
+        # a signed code indexes it directly, no index array per call), its diagonal part from the code histogram
+        v = np.roll(b.astype(np.float32), -lut.qmax)[wq.codes]
+        quad = mom.quad_form_single(v, diag=False) + (0.0 if sums.diag is None else sums.diag @ (b * b))
         sp = coherent_parts(mom.pinned_mean(w), mom.quad_form(w), dw * (sums.mean @ b),
-                            dw * plan.offset_code * dx * (sums.count @ b), dw * (sums.moment_w @ b),
-                            dw ** 2 * mom.quad_form_single(b.astype(np.float32)[wq.codes + lut.qmax]))
+                            dw * plan.offset_code * dx * (sums.count @ b), dw * (sums.moment_w @ b), dw ** 2 * quad)
         bias_err, gain, offset = sp.energy, sp.gain, sp.offset
         if sums.sens is not None:
             bias_fixed = (dw ** 2 * (sums.sens @ (b * b)) - 2 * gain * dw * (sums.sens_w @ b)
