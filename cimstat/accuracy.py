@@ -70,7 +70,7 @@ def correct_probability(logits: np.ndarray, labels: np.ndarray, noise_var: np.nd
         # σ_j = 0: step function (a tie counts as half)
         arg = np.where(sd[:, None, :] > 0, arg, np.where(margin > 0, np.inf, np.where(margin < 0, -np.inf, 0.0)))
         arg[rows, :, yy] = np.inf            # the label's own factor is 1
-        live = arg <= SATURATED_ARG          # the rest are 1 to within 5e-17 (SATURATED_ARG)
+        live = ~(arg > SATURATED_ARG)        # the rest are 1 to within 5e-17 (SATURATED_ARG); NaN stays NaN
         logp = np.zeros(arg.shape)
         logp[live] = log_ndtr(arg[live])
         out[i:i + chunk] = np.exp(logp.sum(-1)) @ w

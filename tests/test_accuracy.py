@@ -66,3 +66,9 @@ def test_left_out_nodes_and_saturated_factors_change_nothing():
         ref[i] = np.prod(norm.cdf(margin / sd[i, others][None, :]), axis=1) @ w
     assert np.abs(p - ref).max() < 1e-13
     assert np.any((p > 0.05) & (p < 0.95))   # not only saturated images
+
+
+def test_nan_logits_give_nan_not_a_confident_answer():
+    z = np.array([[2.0, 0.0, np.nan], [3.0, 0.0, 1.0]])
+    p = correct_probability(z, np.array([0, 0]), np.full(3, 0.5))
+    assert np.isnan(p[0]) and 0.9 < p[1] < 1.0
