@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import log_ndtr
 
-__all__ = ["correct_probability", "top1", "top1_with_se", "NODE_WEIGHT_FLOOR", "SATURATED_ARG"]
+__all__ = ["correct_probability", "top1", "top1_with_se", "mean_with_se", "NODE_WEIGHT_FLOOR", "SATURATED_ARG"]
 
 NODE_WEIGHT_FLOOR = 1e-17
 """Gauss–Hermite nodes of smaller (normalised) weight are left out: at 48 nodes, 12 of them, together 1e-18."""
@@ -86,6 +86,11 @@ def top1_with_se(logits: np.ndarray, labels: np.ndarray, noise_var: np.ndarray, 
                  ) -> tuple[float, float]:
     """``(top-1, its image-sampling standard error)``: mean of :func:`correct_probability` ``P_n`` over the
     images and ``sd_n(P_n)/√N`` (NaN for a single image), what another image sample may differ by."""
-    p = correct_probability(logits, labels, noise_var, n_nodes)
+    return mean_with_se(correct_probability(logits, labels, noise_var, n_nodes))
+
+
+def mean_with_se(p: np.ndarray) -> tuple[float, float]:
+    """``(mean, sd/√N)`` of per-image correct-class probabilities ``p`` (:func:`correct_probability`); the SE is
+    NaN for a single image."""
     se = float(p.std(ddof=1) / np.sqrt(p.size)) if p.size > 1 else float("nan")
     return float(p.mean()), se

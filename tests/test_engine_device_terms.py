@@ -47,6 +47,6 @@ def test_code_histograms_equal_per_weight_sums(default_probes, knobs):
         assert np.any(noise.by_code.bias)  # state-independent noise: the clipping bias is exercised
         got = _device_terms(lm, noise, plan, wq, _code_sums(lm, plan, wq, noise.by_code.qmax))
         for key, ref in _per_weight_reference(lm, noise, plan, wq).items():
-            # the bias energy's projection runs in float32 (SecondMoment.quad_form_single): ~1e-7 relative
+            # the bias energy's projection runs in float32 (SecondMoment.low_rank_form_single): ~1e-7 relative
             np.testing.assert_allclose(got[key], ref, rtol=2e-6, atol=1e-12 * np.abs(ref).max(),
                                        err_msg=f"{name} {key}")

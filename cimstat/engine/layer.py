@@ -539,7 +539,7 @@ def _device_terms(model: LayerModel, noise: DeviceNoise, plan: InputPlan, wq: We
         # E[(v·x)²] of the per-weight bias v_ck = b(q_ck): its low-rank part from v itself (the table rolled so that
         # a signed code indexes it directly, no index array per call), its diagonal part from the code histogram
         v = np.roll(b.astype(np.float32), -lut.qmax)[wq.codes]
-        quad = mom.quad_form_single(v, diag=False) + (0.0 if sums.diag is None else sums.diag @ (b * b))
+        quad = mom.low_rank_form_single(v) + (0.0 if sums.diag is None else sums.diag @ (b * b))
         sp = coherent_parts(mom.pinned_mean(w), mom.quad_form(w), dw * (sums.mean @ b),
                             dw * plan.offset_code * dx * (sums.count @ b), dw * (sums.moment_w @ b), dw ** 2 * quad)
         bias_err, gain, offset = sp.energy, sp.gain, sp.offset

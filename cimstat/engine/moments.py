@@ -142,15 +142,15 @@ class SecondMoment:
             return (proj * proj).sum(-1) + self._diag_term(v, v)
         return self._memo(v, "quad", compute)
 
-    def quad_form_single(self, v: np.ndarray, diag: bool = True) -> np.ndarray:
-        """:meth:`quad_form` of an unpinned ``v`` with the projection in float32 (squares summed in float64):
-        about 2x faster, relative error ~1e-7 — for config-dependent error vectors, whose energies matter to
-        far fewer digits. ``diag=False``: without the ``Σ_k v_k² D_k`` term (for a caller that has it cheaper)."""
+    def low_rank_form_single(self, v: np.ndarray) -> np.ndarray:
+        """The low-rank part of :meth:`quad_form`, ``Σ_r ((v F)_r)²``, of an unpinned ``v`` with the projection in
+        float32 (squares summed in float64): about 2x faster, relative error ~1e-7 — for config-dependent error
+        vectors, whose energies matter to far fewer digits. The caller adds ``Σ_k v_k² D_k`` (its only caller has it
+        from a per-code histogram)."""
         if not hasattr(self, "_factor32"):
             self._factor32 = self.factor.astype(np.float32)
         proj = np.asarray(v, dtype=np.float32) @ self._factor32
-        out = np.einsum("...r,...r->...", proj, proj, dtype=np.float64)
-        return out + self._diag_term(v, v) if diag else out
+        return np.einsum("...r,...r->...", proj, proj, dtype=np.float64)
 
     def cross_form(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         """``E[(u_c · x)(v_c · x)]`` row by row for ``u, v (..., K)`` -> ``(...)``."""

@@ -50,6 +50,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cimstat.accuracy import correct_probability, mean_with_se
 from cimstat.accuracy import top1 as predicted_top1
 from cimstat.accuracy import top1_with_se
 from cimstat.errors import EstimationError
@@ -681,19 +682,20 @@ class Engine:
             random_var = random_var + self._shift_energy(shift, shift)
             shift = None
         if shift is None:
-            acc, se = top1_with_se(logits, labels, random_var)
+            p = correct_probability(logits, labels, random_var)
+            acc, se = mean_with_se(p)
             if image_var is not None:
                 n = image_var.shape[0]
-                acc += (predicted_top1(logits[:n], labels[:n], image_var)
-                        - predicted_top1(logits[:n], labels[:n], random_var))
+                acc += predicted_top1(logits[:n], labels[:n], image_var) - float(p[:n].mean())
             return float(np.clip(acc, 0.0, 1.0)), se
         n = shift.shape[0]
         z, y = logits[:n], labels[:n]
         slope, offset, residual = _fit_shift_per_class(z, shift)
         model_logits = logits * (1.0 + slope) + offset
         model_var = random_var + residual
-        acc, se = top1_with_se(model_logits, labels, model_var)
-        model_n = predicted_top1(model_logits[:n], y, model_var)
+        p = correct_probability(model_logits, labels, model_var)
+        acc, se = mean_with_se(p)
+        model_n = float(p[:n].mean())   # A_model on the first n: the same per-image probabilities
         acc += n / len(logits) * (predicted_top1(z + shift, y, random_var) - model_n)
         if image_var is not None:
             acc += predicted_top1(model_logits[:n], y, image_var + residual) - model_n

@@ -29,7 +29,7 @@ from cimstat.sweeps.runner import RunResult, prepare_run_dir, rows_to_frame, run
 from cimstat.sweeps.spec import Combination, SweepSpec, load_sweep
 from cimstat.sweeps.subset import subset_mask
 
-__all__ = ["run_main", "validate_main", "mc_jobs_main", "resolve_probe_dir"]
+__all__ = ["run_main", "validate_main", "mc_jobs_main", "resolve_probe_dir", "select_combinations"]
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +159,8 @@ def _print_done(result: RunResult, spec: SweepSpec, plots: list[Path], quiet: bo
         print(f"plots: {', '.join(str(p) for p in plots)}")
 
 
-def _select(spec: SweepSpec, expr: str | None) -> list[Combination]:
+def select_combinations(spec: SweepSpec, expr: str | None) -> list[Combination]:
+    """The combinations of ``spec`` that ``--subset EXPR`` selects (all for None); SweepError if none."""
     combos = list(spec.combinations)
     if not expr:
         return combos
@@ -235,7 +236,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise SweepError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
     spec, probe_dir, probes = _load_checked(args)
-    combos = _select(spec, args.subset)
+    combos = select_combinations(spec, args.subset)
     model_name, dataset = probe_defaults(probes.stats.meta)
     model_name = spec.model or model_name
     dataset = spec.dataset or dataset

@@ -116,11 +116,10 @@ def own_images_main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from cimstat import data, models
-    from cimstat.calibrate import Calibrations, resolve
     from cimstat.engine import engine_for
     from cimstat.errors import SweepError
-    from cimstat.probes import load_probes
-    from cimstat.sweeps.commands import _select, resolve_probe_dir
+    from cimstat.sweeps.commands import resolve_probe_dir, select_combinations
+    from cimstat.sweeps.evaluators import EstimateEvaluator
     from cimstat.sweeps.rundir import atomic_write_bytes
     from cimstat.sweeps.spec import load_sweep
 
@@ -143,19 +142,20 @@ def own_images_main(argv: list[str] | None = None) -> int:
     if spec.model not in (None, "default") or spec.weights is not None:
         raise SweepError(f"sweep {spec.name!r} uses model {spec.model!r}: this diagnostic runs on the default model")
     probe_dir = resolve_probe_dir(args.probes, spec, progress=not args.quiet)
-    probes = load_probes(probe_dir, require_noise_prop=True)
-    engine = engine_for(probes)
+    estimator = EstimateEvaluator(probe_dir)   # the sweeps' own ranges (stored calibrations) and estimate
+    estimator.setup()
+    engine_labels = engine_for(estimator._probes).labels
     images, labels = data.default_tensors("probe")
-    n = len(engine.labels)   # the images the estimate's top-1 averages over, all of them
-    if n > len(images) or not np.array_equal(labels[:n].numpy(), engine.labels):
+    n = len(engine_labels)   # the images the estimate's top-1 averages over, all of them
+    if n > len(images) or not np.array_equal(labels[:n].numpy(), engine_labels):
         raise SweepError(f"the probe folder {probe_dir} was not made from the default probe split in its order")
-    model, calibrations = models.load("default"), Calibrations(Path(probe_dir) / "calibrations")
+    model = models.load("default")
     results = []
-    for combo in _select(spec, args.subset):
-        resolved = resolve(combo.config, probes, calibrations)
-        est = engine.estimate(combo.config, resolved)
-        row = {"label": combo.label or str(combo.index), "route": est.route,
-               "est_top1": 100.0 * est.top1, "est_fc_snr_db": est.fc_snr_db,
+    for combo in select_combinations(spec, args.subset):
+        resolved, _ = estimator.resolve(combo)
+        est = estimator.estimate(combo, resolved)
+        row = {"label": combo.label or str(combo.index), "route": est["route"],
+               "est_top1": 100.0 * est["top1"], "est_fc_snr_db": est["fc_snr_db"],
                **breakdown(chip_logits(model, combo.config, resolved, images[:n], labels[:n], args.chips,
                                        args.batch_size, progress=not args.quiet))}
         row["est_minus_mc_top1"] = row["est_top1"] - row["mc_top1"]
